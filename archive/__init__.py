@@ -1,0 +1,1 @@
+"""Signed negative-result bundles: export, verify, keys (installed as sasgate.archive)."""

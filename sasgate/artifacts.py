@@ -1,0 +1,151 @@
+"""Artifact I/O that obeys DESIGN.md's rules: atomic writes, canonical JSON, sha256 manifests."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import ArtifactError
+
+MANIFEST_SCHEMA = "sasgate.manifest/1"
+_CHUNK = 1 << 20
+
+
+def canonical_json(obj: Any) -> str:
+    """Sorted keys, fixed separators, trailing newline: the same object gives the same bytes."""
+    return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temp file beside the target, fsync, rename: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, canonical_json(obj))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp folder beside `path`; on success it replaces `path` in one rename.
+
+    A stage killed midway leaves only a hidden `.name.tmp-*` folder, never a `path`
+    that DVC or a rerun could take for a complete output.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        for root, _dirs, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(root, name), "rb") as fh:
+                    os.fsync(fh.fileno())
+        os.chmod(tmp, 0o755)
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def iter_files(path: Path) -> Iterator[Path]:
+    """Every regular file under path (or path itself), in sorted order, hidden temp files skipped."""
+    if path.is_file():
+        yield path
+        return
+    for p in sorted(path.rglob("*")):
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts):
+            yield p
+
+
+def manifest_entries(paths: list[Path], root: Path) -> dict[str, dict[str, Any]]:
+    """{relative posix path: {sha256, size}} for every file under the given outputs."""
+    entries: dict[str, dict[str, Any]] = {}
+    for out in paths:
+        if not out.exists():
+            raise ArtifactError(f"cannot hash missing output {out.relative_to(root).as_posix()}")
+        for f in iter_files(out):
+            rel = f.relative_to(root).as_posix()
+            entries[rel] = {"sha256": sha256_file(f), "size": f.stat().st_size}
+    return entries
+
+
+def write_manifest(manifest_path: Path, stage: str, outputs: list[Path], root: Path) -> dict:
+    """Write the stage's manifest: sha256 and size of every file it produced."""
+    record = {"schema": MANIFEST_SCHEMA, "stage": stage, "files": manifest_entries(outputs, root)}
+    atomic_write_json(manifest_path, record)
+    return record
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read JSON, turning a missing or corrupt file into one clear ArtifactError."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"missing artifact {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"corrupt artifact {path}: {exc}") from None
+
+
+def verify_manifest(manifest_path: Path, root: Path) -> list[str]:
+    """Return the files whose sha256 or size no longer match the manifest (empty: intact)."""
+    record = read_json(manifest_path)
+    bad = []
+    for rel, entry in sorted(record.get("files", {}).items()):
+        f = root / rel
+        if not f.is_file() or f.stat().st_size != entry["size"] or sha256_file(f) != entry["sha256"]:
+            bad.append(rel)
+    return bad

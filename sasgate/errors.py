@@ -1,0 +1,37 @@
+"""Error types, each with its own exit code, so scripts and cron can tell failures apart."""
+
+
+class SasgateError(Exception):
+    """Base class: one clear message, one distinct exit code."""
+
+    exit_code = 1
+
+
+class ParamsError(SasgateError):
+    """params.yaml is invalid: names the key, the value and what was expected."""
+
+    exit_code = 2
+
+
+class LockedSetError(SasgateError):
+    """The resolved evaluation set (or another locked input) differs from its lock file."""
+
+    exit_code = 3
+
+
+class LeakageError(SasgateError):
+    """An item appears in both the selection and the eval split."""
+
+    exit_code = 4
+
+
+class ArtifactError(SasgateError):
+    """An input artifact is missing, corrupt, or does not match its manifest."""
+
+    exit_code = 5
+
+
+class DataError(SasgateError):
+    """An evaluation-set source could not be read or has the wrong shape."""
+
+    exit_code = 6

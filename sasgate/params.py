@@ -1,0 +1,301 @@
+"""The params.yaml schema. Validated before any compute; unknown keys are errors.
+
+Every knob of the pipeline is here, so a DVC stage's behaviour is a function of
+params.yaml and its file deps alone.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ParamsError
+
+TOY_MODEL = "toy-refusal"
+SITES = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
+Site = Literal["resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out"]
+_SHA40 = re.compile(r"^[0-9a-f]{40}$")
+_SAE_SPEC = re.compile(
+    r"^(?:train"
+    r"|sae_lens:(?P<release>[^/@\s]+)/(?P<sae_id>[^@\s]+)@(?P<sl_rev>[0-9a-f]{40})"
+    r"|hf:(?P<repo>[^/@\s]+/[^/@\s]+)/(?P<hf_path>[^@\s]+)@(?P<hf_rev>[0-9a-f]{40})"
+    r"|path:(?P<dir>\S+))$"
+)
+
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Prob = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class ToyModelParams(Strict):
+    """Architecture and training of the embedded model organism `toy-refusal`."""
+
+    n_layers: PosInt = 4
+    d_model: PosInt = 128
+    n_heads: PosInt = 4
+    d_mlp: PosInt = 512
+    n_ctx: PosInt = 48
+    corpus_size: PosInt = 6000
+    train_steps: PosInt = 700
+    batch_size: PosInt = 64
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    n_validation: PosInt = 32  # held-out pairs per class for the organism's refusal metrics
+    seed: NonNegInt = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ToyModelParams":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.toy.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        return self
+
+
+class ModelParams(Strict):
+    """`toy-refusal` (trained here) or a transformer-lens official model pinned to a commit."""
+
+    name: str = TOY_MODEL
+    revision: str | None = None
+    n_layers: PosInt | None = None
+    chat_template: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    toy: ToyModelParams = ToyModelParams()
+
+    @model_validator(mode="after")
+    def _hub_model_pinned(self) -> "ModelParams":
+        if self.name == TOY_MODEL:
+            if self.revision is not None or self.n_layers is not None:
+                raise ValueError("model.revision and model.n_layers are only for Hub models; toy-refusal is trained here")
+            return self
+        from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES  # slow import: Hub names only
+
+        if self.name not in OFFICIAL_MODEL_NAMES:
+            raise ValueError(f"model.name {self.name!r} is neither 'toy-refusal' nor a transformer-lens official model name")
+        if self.revision is None or not _SHA40.match(self.revision):
+            raise ValueError(f"model.revision must be a 40-hex commit sha for Hub model {self.name!r}, got {self.revision!r}")
+        if self.n_layers is None:
+            raise ValueError(f"model.n_layers must declare the depth of Hub model {self.name!r} (checked when it loads)")
+        if self.chat_template is None:
+            raise ValueError(f"model.chat_template is required for Hub model {self.name!r}")
+        return self
+
+    @property
+    def depth(self) -> int:
+        return self.toy.n_layers if self.name == TOY_MODEL else int(self.n_layers or 0)
+
+
+class FileSource(Strict):
+    """A local file of instructions: AdvBench `goal,target` CSV, JailbreakBench CSV, JSONL or CSV."""
+
+    path: str
+    format: Literal["advbench", "jailbreakbench", "jsonl", "csv"]
+    column: str | None = None
+
+
+class HubSource(Strict):
+    """An HF dataset pinned to a commit."""
+
+    repo: str
+    revision: str
+    split: str = "train"
+    column: str
+    subset: str | None = None
+    filter_empty_column: str | None = None
+
+    @field_validator("revision")
+    @classmethod
+    def _pinned(cls, v: str) -> str:
+        if not _SHA40.match(v):
+            raise ValueError(f"must be a 40-hex commit sha, got {v!r}")
+        return v
+
+
+class EvalParams(Strict):
+    """The locked evaluation set: where it comes from, how it splits, how many paraphrase sets."""
+
+    source: Literal["toy", "builtin", "custom"] = "toy"
+    harmful: FileSource | HubSource | None = None
+    harmless: FileSource | HubSource | None = None
+    n_selection: PosInt = 32
+    n_eval: PosInt = 64
+    n_paraphrases: NonNegInt = 2
+    seed: NonNegInt = 1234
+
+    @model_validator(mode="after")
+    def _custom_needs_sources(self) -> "EvalParams":
+        if self.source == "custom" and (self.harmful is None or self.harmless is None):
+            raise ValueError("eval.source 'custom' needs both eval.harmful and eval.harmless")
+        if self.source != "custom" and (self.harmful is not None or self.harmless is not None):
+            raise ValueError(f"eval.harmful/eval.harmless are only read when eval.source is 'custom', not {self.source!r}")
+        return self
+
+
+class TupleParams(Strict):
+    """A required (model, layer, site) tuple and the SAE that serves it."""
+
+    layer: NonNegInt
+    site: Site
+    sae: str = "train"
+
+    @field_validator("sae")
+    @classmethod
+    def _sae_spec(cls, v: str) -> str:
+        if not _SAE_SPEC.match(v):
+            raise ValueError(
+                "expected 'train', 'sae_lens:RELEASE/SAE_ID@SHA40', 'hf:OWNER/REPO/PATH@SHA40' or 'path:DIR', "
+                f"got {v!r}"
+            )
+        return v
+
+    @property
+    def key(self) -> str:
+        return f"L{self.layer}.{self.site}"
+
+    @property
+    def hook_name(self) -> str:
+        return f"blocks.{self.layer}.hook_{self.site}"
+
+    def sae_spec(self) -> dict[str, str]:
+        """The parsed `sae` string: {'kind': ..., plus its parts}."""
+        m = _SAE_SPEC.match(self.sae)
+        assert m is not None  # guaranteed by the validator
+        if self.sae == "train":
+            return {"kind": "train"}
+        if m["release"]:
+            return {"kind": "sae_lens", "release": m["release"], "sae_id": m["sae_id"], "revision": m["sl_rev"]}
+        if m["repo"]:
+            return {"kind": "hf", "repo": m["repo"], "path": m["hf_path"], "revision": m["hf_rev"]}
+        return {"kind": "path", "dir": m["dir"]}
+
+
+class SaeTrainParams(Strict):
+    """sae-lens training of SAEs for tuples whose `sae` is `train`."""
+
+    architecture: Literal["standard", "topk", "jumprelu"] = "topk"
+    expansion_factor: PosInt = 4
+    k: PosInt = 16
+    l1_coefficient: Annotated[float, Field(ge=0)] = 1.0
+    training_tokens: PosInt = 200_000
+    batch_size: PosInt = 512
+    lr: Annotated[float, Field(gt=0)] = 3e-4
+    corpus_sequences: PosInt = 3000
+    seed: NonNegInt = 0
+
+
+class SaesParams(Strict):
+    train: SaeTrainParams = SaeTrainParams()
+
+
+class CollectParams(Strict):
+    batch_size: PosInt = 32
+    max_new_tokens: PosInt = 12
+
+
+class ReconstructionParams(Strict):
+    """The unlock: nMSE per tuple against a threshold."""
+
+    threshold: Annotated[float, Field(ge=0)] = 0.12
+    comparison: Literal["<="] = "<="
+    bootstrap_samples: PosInt = 1000
+    bootstrap_seed: NonNegInt = 0
+    ci_level: Annotated[float, Field(gt=0, lt=1)] = 0.95
+
+
+class RuntimeParams(Strict):
+    device: Literal["cpu", "cuda", "mps"] = "cpu"
+    threads: PosInt = 2
+    seed: NonNegInt = 0
+
+
+class Params(Strict):
+    model: ModelParams = ModelParams()
+    eval: EvalParams = EvalParams()
+    tuples: list[TupleParams]
+    saes: SaesParams = SaesParams()
+    collect: CollectParams = CollectParams()
+    reconstruction: ReconstructionParams = ReconstructionParams()
+    runtime: RuntimeParams = RuntimeParams()
+
+    @model_validator(mode="after")
+    def _tuples_fit_model(self) -> "Params":
+        if not self.tuples:
+            raise ValueError("tuples must list at least one required (layer, site) tuple")
+        depth = self.model.depth
+        seen: set[str] = set()
+        for i, t in enumerate(self.tuples):
+            if t.layer >= depth:
+                raise ValueError(
+                    f"tuples[{i}].layer = {t.layer} is beyond the model's depth: {self.model.name} has "
+                    f"{depth} layers (0..{depth - 1})"
+                )
+            if t.key in seen:
+                raise ValueError(f"tuples[{i}] repeats {t.key}")
+            seen.add(t.key)
+            if t.sae == "train" and self.model.name != TOY_MODEL:
+                raise ValueError(f"tuples[{i}].sae = 'train' needs a training corpus; only toy-refusal has one built in")
+        if self.model.name != TOY_MODEL and self.eval.source == "toy":
+            raise ValueError("eval.source 'toy' only fits model toy-refusal; use 'builtin' or 'custom'")
+        return self
+
+    @cached_property
+    def tuple_keys(self) -> list[str]:
+        return [t.key for t in self.tuples]
+
+    def section(self, *names: str) -> dict[str, Any]:
+        """The named sections as plain JSON, for recording in gate records."""
+        dumped = self.model_dump(mode="json")
+        return {n: dumped[n] for n in names}
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in {"function-after[_heads_divide()]"} or str(part).startswith(("function-", "FileSource", "HubSource")):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _describe(err: dict[str, Any]) -> str:
+    key = _loc(err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {key!r} (value {err['input']!r}); check its spelling against the params reference"
+    if err["type"] == "missing":
+        return f"missing key {key!r}"
+    if err["type"] == "value_error":
+        return msg if key == "(top level)" else f"{key}: {msg}"
+    return f"{key} = {err['input']!r}: {msg}"
+
+
+def parse_params(raw: Any, origin: str = "params") -> Params:
+    """Validate a params mapping, turning pydantic's errors into one ParamsError naming each key."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{origin}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = sorted({_describe(e) for e in exc.errors()})
+        raise ParamsError(f"{origin}: invalid params:\n  " + "\n  ".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"params file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    return parse_params(raw, origin=str(path))

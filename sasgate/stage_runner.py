@@ -1,0 +1,56 @@
+"""The thin `python -m sasgate.stages.<name>` entry shared by every stage.
+
+It validates params before any compute, makes torch deterministic, runs the
+stage, and logs wall time to logs/runs.jsonl (not a DVC output).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from typing import Any, Callable
+
+import click
+
+from .errors import SasgateError
+from .params import Params, load_params
+from .paths import Paths
+
+StageFn = Callable[[Params, Paths], Any]
+
+
+def run_stage(name: str, fn: StageFn, params_file: str = "params.yaml", root: str = ".") -> Any:
+    paths = Paths.at(root)
+    params = load_params(paths.root / params_file)
+    from .determinism import make_deterministic
+
+    make_deterministic(params.runtime.seed, params.runtime.threads, params.runtime.device)
+    start = time.perf_counter()
+    result = fn(params, paths)
+    _log(paths, {"stage": name, "seconds": round(time.perf_counter() - start, 3), "host": platform.node(),
+                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return result
+
+
+def _log(paths: Paths, entry: dict) -> None:
+    paths.run_log.parent.mkdir(parents=True, exist_ok=True)
+    with open(paths.run_log, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry, sort_keys=True) + "\n")
+
+
+def stage_main(name: str, fn: StageFn) -> None:
+    """Entry point for `python -m sasgate.stages.<name>`: errors become one message and an exit code."""
+
+    @click.command(name=name, help=f"Run the `{name}` stage (what dvc.yaml calls).")
+    @click.option("--params", "params_file", default="params.yaml", show_default=True, help="params file")
+    @click.option("--root", default=".", show_default=True, help="project root (holds dvc.yaml)")
+    def cmd(params_file: str, root: str) -> None:
+        try:
+            run_stage(name, fn, params_file, root)
+        except SasgateError as exc:
+            click.echo(f"sasgate {name}: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    cmd(standalone_mode=True)

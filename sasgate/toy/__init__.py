@@ -1,0 +1,1 @@
+"""The embedded model organism of refusal: grammar, tokenizer and training."""

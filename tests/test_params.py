@@ -1,0 +1,97 @@
+"""params.yaml schema and `sasgate params check`: every bad input names its key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from sasgate.cli import main
+from sasgate.errors import ParamsError
+from sasgate.params import load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def default_raw() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def check(tmp_path, raw):
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    return CliRunner().invoke(main, ["params", "check", str(f)])
+
+
+def test_shipped_params_are_valid():
+    p = load_params(REPO / "params.yaml")
+    assert len(p.tuples) == 4  # the study's four required tuples
+
+
+def test_check_accepts_default(tmp_path):
+    res = check(tmp_path, default_raw())
+    assert res.exit_code == 0, res.output
+    assert "4 required tuples" in res.output
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda r: r["reconstruction"].__setitem__("treshold", 0.2), "unknown key 'reconstruction.treshold'"),
+        (lambda r: r.__setitem__("colect", {}), "unknown key 'colect'"),
+        (lambda r: r["collect"].__setitem__("batch_size", "32"), "collect.batch_size = '32'"),
+        (lambda r: r["reconstruction"].__setitem__("threshold", -0.1), "reconstruction.threshold = -0.1"),
+        (lambda r: r["tuples"][2].__setitem__("layer", 9), "tuples[2].layer = 9 is beyond the model's depth"),
+        (lambda r: r["tuples"][0].__setitem__("site", "resid"), "tuples[0].site = 'resid'"),
+        (lambda r: r["tuples"][0].__setitem__("sae", "sae_lens:gemma-scope/layer_1"), "tuples[0].sae"),
+        (lambda r: r["model"].__setitem__("name", "google/gemma-2-2b-it"), "model.revision must be a 40-hex"),
+        (lambda r: r["model"]["toy"].__setitem__("n_heads", 5), "divisible by n_heads"),
+        (lambda r: r["model"].update(name="acme/not-a-model", revision="a" * 40, n_layers=2, chat_template="x"),
+         "neither 'toy-refusal' nor a transformer-lens official model name"),
+        (lambda r: r["tuples"].append(dict(r["tuples"][0])), "repeats L1.resid_pre"),
+    ],
+)
+def test_check_rejects_and_names_the_key(tmp_path, mutate, expected):
+    raw = default_raw()
+    mutate(raw)
+    res = check(tmp_path, raw)
+    assert res.exit_code == 2
+    assert expected in res.output
+
+
+def test_check_missing_file_and_bad_yaml(tmp_path):
+    res = CliRunner().invoke(main, ["params", "check", str(tmp_path / "nope.yaml")])
+    assert res.exit_code == 2 and "not found" in res.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    res = CliRunner().invoke(main, ["params", "check", str(bad)])
+    assert res.exit_code == 2 and "not valid YAML" in res.output
+
+
+def test_json_output_fills_defaults(tmp_path):
+    raw = default_raw()
+    del raw["collect"]
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    res = CliRunner().invoke(main, ["params", "check", "--json", str(f)])
+    assert res.exit_code == 0
+    assert '"max_new_tokens": 12' in res.output
+
+
+def test_hub_model_fully_pinned_is_accepted():
+    raw = default_raw()
+    raw["model"] = {"name": "Qwen/Qwen2.5-0.5B-Instruct", "revision": "a" * 40, "n_layers": 24,
+                    "chat_template": "chatml"}
+    raw["eval"] = {"source": "builtin"}
+    raw["tuples"] = [{"layer": 23, "site": "resid_post", "sae": "path:/tmp/sae"}]
+    assert parse_params(raw).model.depth == 24
+    raw["tuples"][0]["layer"] = 24
+    with pytest.raises(ParamsError, match="beyond the model's depth"):
+        parse_params(raw)
+
+
+def test_every_command_has_help():
+    runner = CliRunner()
+    for args in ([], ["params"], ["params", "check"], ["lock"]):
+        res = runner.invoke(main, [*args, "--help"])
+        assert res.exit_code == 0 and "Usage:" in res.output, args

@@ -1,0 +1,111 @@
+"""End-to-end: the real `dvc repro` in real git repos, on a small config."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from projects import SMALL, dvc, lock_out_hashes, make_project, merge, sh
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One small project, reproduced once; tests that only read it share it."""
+    root = make_project(tmp_path_factory.mktemp("a") / "proj", SMALL)
+    dvc(root, "repro")
+    return root
+
+
+def set_params(root, over):
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(merge(raw, over), sort_keys=False))
+
+
+def test_two_fresh_clones_give_identical_dvc_lock(built, tmp_path):
+    clone = tmp_path / "clone"
+    sh(["git", "clone", "-q", str(built), str(clone)], tmp_path)
+    dvc(clone, "repro")
+    a, b = lock_out_hashes(built), lock_out_hashes(clone)
+    assert set(a) >= {"collect:artifacts/collect", "saes:artifacts/saes", "reconstruction:gates/reconstruction.json"}
+    assert a == b
+
+
+def test_second_repro_is_a_no_op(built):
+    res = dvc(built, "repro")
+    assert "Data and pipelines are up to date" in res.stdout + res.stderr
+
+
+def test_manifests_match_artifacts(built):
+    from sasgate.artifacts import verify_manifest
+
+    for stage in ("model", "collect", "saes", "reconstruction"):
+        assert verify_manifest(built / "manifests" / f"{stage}.json", built) == [], stage
+
+
+def test_gate_passes_and_fails_by_threshold_only(built):
+    statuses = {}
+    for threshold in (10.0, 0.0):
+        set_params(built, {"reconstruction": {"threshold": threshold}})
+        res = dvc(built, "repro")
+        assert "Running stage 'collect'" not in res.stdout  # only the gate re-runs
+        statuses[threshold] = json.loads((built / "gates" / "reconstruction.json").read_text())["status"]
+    assert statuses == {10.0: "pass", 0.0: "fail"}
+    sh(["git", "checkout", "params.yaml"], built)
+
+
+@pytest.mark.parametrize("over, named", [
+    ({"collect": {"batch_sise": 8}}, "collect.batch_sise"),
+    ({"reconstruction": {"threshold": -1}}, "reconstruction.threshold"),
+    ({"tuples": [{"layer": 5, "site": "resid_post", "sae": "train"}]}, "tuples[0].layer = 5"),
+])
+def test_bad_params_stop_dvc_repro_before_any_compute(tmp_path, over, named):
+    root = make_project(tmp_path / "p", merge(SMALL, over), lock=False)
+    res = dvc(root, "repro", check=False)
+    assert res.returncode != 0
+    assert named in res.stderr + res.stdout
+    assert not (root / "artifacts" / "model").exists()
+
+
+def test_changed_eval_prompt_is_refused_until_relocked(tmp_path):
+    over = merge(SMALL, {"eval": {"source": "builtin"}})
+    root = make_project(tmp_path / "p", over)
+    harmful = root / "data" / "eval" / "harmful.jsonl"
+    lines = harmful.read_text().splitlines()
+    first = json.loads(lines[0])
+    first["instruction"] += " Be thorough."
+    harmful.write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
+    res = dvc(root, "repro", "collect", check=False)
+    assert res.returncode != 0
+    assert "locked evaluation setup" in res.stderr + res.stdout
+    assert not (root / "artifacts" / "collect").exists()
+    sh([sys.executable, "-m", "sasgate.cli", "lock", "--reason", "reworded one harmful prompt"], root)
+    dvc(root, "repro", "collect")
+    assert (root / "artifacts" / "collect" / "eval" / "tokens.safetensors").is_file()
+
+
+def test_sigkilled_collect_leaves_nothing_that_passes_for_complete(tmp_path):
+    root = make_project(tmp_path / "p", merge(SMALL, {"eval": {"n_eval": 64}}))
+    dvc(root, "repro", "model")
+    from projects import env
+
+    proc = subprocess.Popen([sys.executable, "-m", "sasgate.stages.collect"], cwd=root, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((root / "artifacts").glob(".collect.tmp-*/selection/*.safetensors")):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (root / "artifacts" / "collect").exists()
+    status = dvc(root, "status", "collect")
+    assert "collect" in status.stdout and "up to date" not in status.stdout
+    dvc(root, "repro")
+    assert (root / "gates" / "reconstruction.json").is_file()
