@@ -35,3 +35,15 @@ class DataError(SasgateError):
     """An evaluation-set source could not be read or has the wrong shape."""
 
     exit_code = 6
+
+
+class ScorerTamperedError(SasgateError):
+    """A released scorer version's code no longer matches its recorded hash: add a new version instead."""
+
+    exit_code = 7
+
+
+class PreregistrationError(SasgateError):
+    """Remediation without a preregistration, or the stop rules changed after it."""
+
+    exit_code = 8

@@ -45,7 +45,7 @@ class ToyModelParams(Strict):
     d_mlp: PosInt = 512
     n_ctx: PosInt = 48
     corpus_size: PosInt = 6000
-    train_steps: PosInt = 700
+    train_steps: PosInt = 400
     batch_size: PosInt = 64
     lr: Annotated[float, Field(gt=0)] = 1e-3
     weight_decay: Annotated[float, Field(ge=0)] = 0.01
@@ -209,6 +209,55 @@ class ReconstructionParams(Strict):
     ci_level: Annotated[float, Field(gt=0, lt=1)] = 0.95
 
 
+class DirectionsParams(Strict):
+    """DIM direction selection, with the constants of Arditi et al. 2024's recorded rule."""
+
+    kl_threshold: Annotated[float, Field(gt=0)] = 0.1  # discard if ablation moves harmless next-token dists more
+    prune_layer_fraction: Prob = 0.2  # discard candidates in the last 20% of layers
+    induce_threshold: float = 0.0  # addition must raise the refusal score on harmless prompts above this
+    refusal_tokens: list[str] = ["i", "sorry", "that", "as"]  # first tokens of refusals (toy defaults)
+    max_prompts: PosInt = 32  # selection prompts per class used to score candidates
+
+
+class FeaturesParams(Strict):
+    """SAS: the top-k SAE latents of the mean latent difference (harmful - harmless)."""
+
+    top_k: PosInt = 8
+    steer_tuple: str = "auto"  # a tuple key, or auto: the required tuple nearest DIM's chosen layer
+
+
+class SteerParams(Strict):
+    """The steering grid, run on the eval split only."""
+
+    add_coefficients: list[float] = [0.5, 1.0, 2.0, 4.0]
+    ablate_coefficients: list[float] = [0.25, 0.5, 0.75, 1.0]
+    seeds: list[NonNegInt] = [0, 1, 2]
+    do_sample: bool = True
+    temperature: Annotated[float, Field(gt=0)] = 0.7
+    max_new_tokens: PosInt = 12
+    batch_size: PosInt = 64
+
+
+class ScoreParams(Strict):
+    version: str = "v2"
+
+
+class ValidityParams(Strict):
+    """When the behaviour result is decision-valid."""
+
+    min_agreement: Prob = 0.95
+    min_samples: PosInt = 50
+    margin: Prob = 0.1  # "SAS matches or beats DIM within margin m"
+    side_effect_budget: Annotated[float, Field(gt=0)] = 1.0  # max mean KL (nats) on harmless prompts
+    bootstrap_samples: PosInt = 1000
+    bootstrap_seed: NonNegInt = 0
+    ci_level: Annotated[float, Field(gt=0, lt=1)] = 0.95
+
+
+class StabilityParams(Strict):
+    min_agreement: Prob = 0.8
+
+
 class RuntimeParams(Strict):
     device: Literal["cpu", "cuda", "mps"] = "cpu"
     threads: PosInt = 2
@@ -222,6 +271,12 @@ class Params(Strict):
     saes: SaesParams = SaesParams()
     collect: CollectParams = CollectParams()
     reconstruction: ReconstructionParams = ReconstructionParams()
+    directions: DirectionsParams = DirectionsParams()
+    features: FeaturesParams = FeaturesParams()
+    steer: SteerParams = SteerParams()
+    score: ScoreParams = ScoreParams()
+    validity: ValidityParams = ValidityParams()
+    stability: StabilityParams = StabilityParams()
     runtime: RuntimeParams = RuntimeParams()
 
     @model_validator(mode="after")
@@ -241,6 +296,8 @@ class Params(Strict):
             seen.add(t.key)
             if t.sae == "train" and self.model.name != TOY_MODEL:
                 raise ValueError(f"tuples[{i}].sae = 'train' needs a training corpus; only toy-refusal has one built in")
+        if self.features.steer_tuple != "auto" and self.features.steer_tuple not in seen:
+            raise ValueError(f"features.steer_tuple {self.features.steer_tuple!r} is not a required tuple ({sorted(seen)})")
         if self.model.name != TOY_MODEL and self.eval.source == "toy":
             raise ValueError("eval.source 'toy' only fits model toy-refusal; use 'builtin' or 'custom'")
         return self

@@ -79,15 +79,15 @@ def test_changed_eval_prompt_is_refused_until_relocked(tmp_path):
     over = merge(SMALL, {"eval": {"source": "builtin"}})
     root = make_project(tmp_path / "p", over)
     harmful = root / "data" / "eval" / "harmful.jsonl"
-    lines = harmful.read_text().splitlines()
-    first = json.loads(lines[0])
-    first["instruction"] += " Be thorough."
-    harmful.write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
+    rows = [json.loads(line) for line in harmful.read_text().splitlines()]
+    for row in rows:  # reword every source: the resolved set samples some of them
+        row["instruction"] += " Be thorough."
+    harmful.write_text("".join(json.dumps(row) + "\n" for row in rows))
     res = dvc(root, "repro", "collect", check=False)
     assert res.returncode != 0
     assert "locked evaluation setup" in res.stderr + res.stdout
     assert not (root / "artifacts" / "collect").exists()
-    sh([sys.executable, "-m", "sasgate.cli", "lock", "--reason", "reworded one harmful prompt"], root)
+    sh([sys.executable, "-m", "sasgate.cli", "lock", "--reason", "reworded the harmful prompts"], root)
     dvc(root, "repro", "collect")
     assert (root / "artifacts" / "collect" / "eval" / "tokens.safetensors").is_file()
 

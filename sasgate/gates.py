@@ -1,0 +1,176 @@
+"""Gate records (DESIGN.md, "Gate record"): one typed JSON file per gate, validated on read.
+
+Every gate (reconstruction, behaviour, stability, remediation) writes the same shape:
+
+    {"schema": "sasgate.gate/1", "gate": "reconstruction", "status": "fail",
+     "metric": "nmse", "threshold": 0.12, "comparison": "<=",
+     "per_tuple": [{"tuple": {"model": ..., "layer": 1, "site": "resid_post"},
+                    "observed": 0.163, "ci95": [0.158, 0.169], "status": "fail", "extra": {...}}],
+     "inputs": {"artifacts/saes/...": "sha256:..."}, "params": {...},
+     "reason": "nMSE above threshold on 4/4 required tuples", "details": {...}}
+
+Unknown fields are errors; so are missing required ones (DESIGN rule 4). `extra`
+(per tuple) and `details` (per gate) hold gate-specific numbers (cosine, L0, the
+token set...) without loosening the common schema. `inputs` maps project-relative
+posix paths to "sha256:<64 hex>", so a record never holds an absolute path.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .artifacts import atomic_write_json, read_json, sha256_file
+from .errors import ArtifactError
+
+GATE_SCHEMA = "sasgate.gate/1"
+GateStatus = Literal["pass", "fail", "not_needed"]
+TupleStatus = Literal["pass", "fail", "not_needed"]
+Comparison = Literal["<=", "<", ">=", ">", "=="]
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TupleRef(_Record):
+    """A required (model, layer, site) tuple."""
+
+    model: str
+    layer: int = Field(ge=0)
+    site: str
+
+
+class TupleResult(_Record):
+    """The gate's metric on one required tuple."""
+
+    tuple: TupleRef
+    observed: float | None
+    ci95: tuple[float, float] | None  # the bootstrap interval at the gate's ci level (named as in DESIGN.md)
+    status: TupleStatus
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("observed")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"must be a finite number, got {v}")
+        return v
+
+    @field_validator("ci95")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not (math.isfinite(v[0]) and math.isfinite(v[1]) and v[0] <= v[1]):
+            raise ValueError(f"must be a finite interval [lo, hi] with lo <= hi, got {list(v)}")
+        return v
+
+
+class GateRecord(_Record):
+    """One gate's verdict and everything it rests on."""
+
+    schema_: Literal["sasgate.gate/1"] = Field(alias="schema")
+    gate: str = Field(min_length=1)
+    status: GateStatus
+    metric: str
+    threshold: float | None
+    comparison: Comparison | None
+    per_tuple: list[TupleResult]
+    inputs: dict[str, str]
+    params: dict[str, Any]
+    reason: str = Field(min_length=1)
+    details: dict[str, Any] | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs(cls, v: dict[str, str]) -> dict[str, str]:
+        for rel, digest in v.items():
+            p = PurePosixPath(rel)
+            if not rel or p.is_absolute() or ".." in p.parts or "\\" in rel or re.match(r"^[A-Za-z]:", rel):
+                raise ValueError(f"input path {rel!r} must be relative to the project root (posix, no '..')")
+            if not _DIGEST.match(digest):
+                raise ValueError(f"input {rel!r}: digest must be 'sha256:<64 lowercase hex>', got {digest!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _threshold_pairs(self) -> "GateRecord":
+        if (self.threshold is None) != (self.comparison is None):
+            raise ValueError("threshold and comparison must both be set or both be null")
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as plain JSON (key `schema`, not the python attribute name)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def compare(observed: float, comparison: str, threshold: float) -> bool:
+    """`observed <comparison> threshold`, the one place a gate's comparison is evaluated."""
+    ops = {"<=": observed <= threshold, "<": observed < threshold, ">=": observed >= threshold,
+           ">": observed > threshold, "==": observed == threshold}
+    if comparison not in ops:
+        raise ValueError(f"unknown comparison {comparison!r}")
+    return ops[comparison]
+
+
+def input_digests(root: Path, files: list[Path]) -> dict[str, str]:
+    """{project-relative posix path: "sha256:..."} for the files a gate read."""
+    out: dict[str, str] = {}
+    for f in files:
+        if not f.is_file():
+            raise ArtifactError(f"missing gate input {f}")
+        try:
+            rel = f.resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            raise ArtifactError(f"gate input {f} is outside the project root {root}") from None
+        out[rel] = "sha256:" + sha256_file(f)
+    return out
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown field {loc!r}")
+        elif err["type"] == "missing":
+            lines.append(f"missing field {loc!r}")
+        else:
+            lines.append(f"{loc}: {err['msg']}")
+    return "; ".join(sorted(set(lines)))
+
+
+def validate_gate(raw: Any, origin: str = "gate record") -> GateRecord:
+    """A GateRecord from plain JSON; any schema problem is one ArtifactError naming the fields."""
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{origin}: expected a JSON object, got {type(raw).__name__}")
+    if raw.get("schema") != GATE_SCHEMA:
+        raise ArtifactError(f"{origin}: schema is {raw.get('schema')!r}, expected {GATE_SCHEMA!r}")
+    try:
+        return GateRecord.model_validate(raw)
+    except ValidationError as exc:
+        raise ArtifactError(f"{origin}: invalid gate record: {_describe(exc)}") from None
+
+
+def write_gate(path: str | Path, record: GateRecord | dict[str, Any]) -> GateRecord:
+    """Validate, then write the record atomically as canonical JSON; returns the validated record."""
+    rec = record if isinstance(record, GateRecord) else validate_gate(record, origin=str(path))
+    # round-trip through JSON validation, so what is written is exactly what read_gate accepts
+    rec = validate_gate(rec.to_json(), origin=str(path))
+    atomic_write_json(path, rec.to_json())
+    return rec
+
+
+def read_gate(path: str | Path, gate: str | None = None) -> GateRecord:
+    """Read and validate a gate record; missing, corrupt or schema-invalid files raise ArtifactError."""
+    path = Path(path)
+    raw = read_json(path)  # ArtifactError on missing / corrupt JSON
+    rec = validate_gate(raw, origin=str(path))
+    if gate is not None and rec.gate != gate:
+        raise ArtifactError(f"{path}: holds the {rec.gate!r} gate, expected {gate!r}")
+    return rec
