@@ -97,3 +97,45 @@ def load_token_index(paths: Paths, split: str) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"{path}: expected tensors {list(TOKEN_FIELDS)}, found {sorted(index)}")
     index["is_bos"] = index["is_bos"].bool()
     return index
+
+
+# --- post-instruction activations at every layer (issue 3: DIM candidates) ---
+POST_INSTRUCTION_FILE = "post_instruction_resid_pre.safetensors"
+
+
+def post_instruction_file(paths: Paths, split: str) -> Path:
+    return paths.collect_dir / split / POST_INSTRUCTION_FILE
+
+
+def save_post_instruction(path: Path, acts: torch.Tensor) -> None:
+    """[n_prompts, n_layers, n_post, d_model] float32: resid_pre of every block at the post-instruction
+    positions, one row per prompt of the split in items order."""
+    if acts.ndim != 4:
+        raise ValueError(f"expected [prompts, layers, positions, d_model], got shape {tuple(acts.shape)}")
+    save_file({ACTS: acts.to(torch.float32).contiguous()}, str(path))
+
+
+def load_post_instruction(paths: Paths, split: str) -> torch.Tensor:
+    """What `save_post_instruction` wrote for the split; a missing or malformed file is an ArtifactError."""
+    path = post_instruction_file(paths, split)
+    with _open(path) as fh:
+        try:
+            acts = fh.get_tensor(ACTS)
+        except Exception as exc:
+            raise ArtifactError(f"corrupt activation file {path}: {exc}") from None
+    if acts.ndim != 4:
+        raise ArtifactError(f"{path}: expected a 4-d tensor [prompts, layers, positions, d_model], got {tuple(acts.shape)}")
+    return acts
+
+
+def split_items(paths: Paths, split: str) -> list:
+    """One split of the items `collect` resolved (in stored-row order), after the leakage guard: a prompt
+    in both splits raises LeakageError (exit 4), so selection never sees an eval prompt and vice versa."""
+    from .evalset import check_leakage, read_items_jsonl
+
+    items = read_items_jsonl(paths.collect_dir / "items.jsonl")
+    check_leakage(items)
+    out = [it for it in items if it.split == split]
+    if not out:
+        raise ArtifactError(f"the collected items hold no {split}-split prompts; rerun `dvc repro collect`")
+    return out

@@ -22,6 +22,7 @@ Exit codes:
   4  leakage between selection and eval
   5  missing or corrupt artifact
   6  unreadable data source
+  8  remediation without a preregistration, or the stop rules changed after it
 """
 
 
@@ -79,6 +80,108 @@ def lock(reason: str, params_file: str) -> None:
     paths = Paths.at(".")
     record = relock(p, paths, reason)
     click.echo(f"locked {record['n_items']} items, sha256 {record['sha256']} ({len(record['history'])} in history)")
+
+
+# --- preregistration, status, claims (issue 5) ---------------------------------------------
+
+
+@main.command()
+@click.option("--reason", required=True, help="why the remediation protocol is (re)fixed (kept in the lock history)")
+@click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
+@fails_cleanly
+def preregister(reason: str, params_file: str) -> None:
+    """Fix the remediation protocol before it runs: write preregistration/lock.json.
+
+    Records the sha256 of preregistration/stop_rules.yaml, the protocol params it reads (required
+    tuples, model, reconstruction threshold, remediation families and constraints), the git commit
+    and the gate records present now. `remediation` refuses to run when any of it changes (exit 8).
+    """
+    from .errors import ParamsError
+    from .preregistration import preregister as write_preregistration
+
+    if not reason.strip():
+        raise ParamsError("a preregistration needs a non-empty --reason")
+    paths = Paths.at(".")
+    lock = write_preregistration(load_params(params_file), paths, reason)
+    made_after = ", ".join(f"{g} ({v['status']})" for g, v in lock["made_after"].items()) or "no gate records"
+    click.echo(f"preregistered {lock['counts']['rules']} stop rules and {lock['counts']['families']} families "
+               f"(sha256 {lock['sha256']}) at commit {lock['git_commit'] or '(none)'}, after {made_after}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.option("--record", "record", type=click.Path(dir_okay=False),
+              help="decide a study record (e.g. records/original-study.yaml) instead of this project")
+@click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
+@fails_cleanly
+def status(as_json: bool, record: str | None, params_file: str) -> None:
+    """The decision, every gate (status, key figure, threshold), the reopen conditions, and whether
+    the artifacts on disk still match their manifests.
+
+    With --record FILE: the study record's figures go through the same state machine; prints its
+    decision and CLAIMS.md and whether they reproduce the study's recorded conclusion.
+    Exit 1 when something is flagged (a changed artifact, a stale decision, an edited CLAIMS.md,
+    a record whose conclusion is not reproduced).
+    """
+    from . import status as st
+
+    if record:
+        report = st.record_report(record)
+        text = st.format_record(report)
+    else:
+        report = st.project_report(load_params(params_file), Paths.at("."))
+        text = st.format_project(report)
+    click.echo(json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) if as_json else text)
+    if report["problems"]:
+        sys.exit(1)
+
+
+@main.group()
+def claims() -> None:
+    """Check prose against what the decision allows."""
+
+
+@claims.command("lint")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--decision", "decision_file", type=click.Path(dir_okay=False),
+              help="decision.json to check against [default: ./decision.json]")
+@click.option("--record", "record", type=click.Path(dir_okay=False), help="a study record to check against instead")
+@click.option("--json", "as_json", is_flag=True, help="print the findings as JSON")
+@fails_cleanly
+def claims_lint(files: tuple[str, ...], decision_file: str | None, record: str | None, as_json: bool) -> None:
+    """The overclaim guard: report statements of mechanism, causation, robustness beyond what was
+    tested, or phase advancement that the decision disallows, with file, line and claim id.
+
+    Negated ("we cannot claim that ..."), hedged and quoted statements are not flagged.
+    Exit 1 when any overclaim is found, 0 otherwise.
+    """
+    from .claims_lint import lint_files
+    from .decision import read_decision
+    from .errors import ParamsError
+    from .status import decide_record
+
+    if decision_file and record:
+        raise ParamsError("give --decision or --record, not both")
+    decision = decide_record(record)[0] if record else read_decision(decision_file or "decision.json")
+    disallowed = [c.id for c in decision.claims.disallowed]
+    found = lint_files(files, disallowed)
+    if as_json:
+        click.echo(json.dumps({"decision_state": decision.decision_state, "disallowed": disallowed,
+                               "findings": [f.as_dict() for f in found]}, indent=2, sort_keys=True,
+                              ensure_ascii=False))
+    else:
+        for f in found:
+            click.echo(str(f))
+        click.echo(f"{len(found)} overclaim(s) in {len(files)} file(s) against decision {decision.decision_state}",
+                   err=True)
+    if found:
+        sys.exit(1)
+
+
+# --- archive (issue 6) -----------------------------------------------------------------------
+from .archive.cli import archive as _archive  # noqa: E402  (after fails_cleanly, which it uses)
+
+main.add_command(_archive)
 
 
 if __name__ == "__main__":

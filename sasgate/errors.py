@@ -47,3 +47,29 @@ class PreregistrationError(SasgateError):
     """Remediation without a preregistration, or the stop rules changed after it."""
 
     exit_code = 8
+
+
+# --- archive (sasgate archive) ---
+class NotVerifiedError(SasgateError):
+    """A bundle failed verification (fail closed): the message names the first offending file."""
+
+    exit_code = 1
+
+
+class WorkspaceMismatchError(SasgateError):
+    """Export refused: the workspace does not match dvc.lock or the sha256 manifests (stale or modified)."""
+
+    exit_code = 20
+
+
+class KeyFileError(SasgateError):
+    """A signing key is unreadable, not Ed25519, passphrase-protected without a passphrase, or readable by others."""
+
+    exit_code = 21
+
+
+# --- behaviour stages (issue 3: directions, features) ---
+class SelectionError(SasgateError):
+    """Nothing to steer with: no DIM candidate survives Arditi's rule, or no SAE latent separates the classes."""
+
+    exit_code = 9

@@ -217,6 +217,7 @@ class DirectionsParams(Strict):
     induce_threshold: float = 0.0  # addition must raise the refusal score on harmless prompts above this
     refusal_tokens: list[str] = ["i", "sorry", "that", "as"]  # first tokens of refusals (toy defaults)
     max_prompts: PosInt = 32  # selection prompts per class used to score candidates
+    batch_size: PosInt = 64  # prompts per forward pass when scoring candidates
 
 
 class FeaturesParams(Strict):
@@ -258,6 +259,42 @@ class StabilityParams(Strict):
     min_agreement: Prob = 0.8
 
 
+class RemediationFamilyParams(Strict):
+    """How one preregistered candidate family is enumerated (its plain-language text is in stop_rules.yaml)."""
+
+    source: Literal["registry", "hub", "local"]  # installed sae-lens registry / Hub search / local SAE folders
+    dir: str | None = None  # local: a folder of sae-lens SAE folders (cfg.json + safetensors), project-relative
+
+    @model_validator(mode="after")
+    def _dir_for_local(self) -> "RemediationFamilyParams":
+        if (self.source == "local") != (self.dir is not None):
+            raise ValueError("dir is required for source 'local' and only read there")
+        return self
+
+
+class SaeConstraintParams(Strict):
+    """What a candidate SAE must meet to cover a required tuple (besides model, layer and site)."""
+
+    architectures: list[str] = []  # empty: any architecture
+    min_width: PosInt | None = None
+    max_width: PosInt | None = None
+    same_model_variant: bool = True  # an SAE trained on the base model does not cover the -it model
+
+
+class RemediationParams(Strict):
+    """The bounded search for alternative SAEs when the reconstruction gate fails (issue 5).
+
+    Families and constraints are preregistered (preregistration/lock.json); `hub_access` is not:
+    it only says whether this run may reach the Hub (off, or HF_HUB_OFFLINE=1: Hub families are
+    recorded as unavailable, never as 0 candidates). The K1 budget is a stop-rule parameter.
+    """
+
+    hub_access: bool = False
+    families: dict[str, RemediationFamilyParams] = {"A": RemediationFamilyParams(source="registry"),
+                                                    "B": RemediationFamilyParams(source="hub")}
+    constraints: SaeConstraintParams = SaeConstraintParams()
+
+
 class RuntimeParams(Strict):
     device: Literal["cpu", "cuda", "mps"] = "cpu"
     threads: PosInt = 2
@@ -277,6 +314,7 @@ class Params(Strict):
     score: ScoreParams = ScoreParams()
     validity: ValidityParams = ValidityParams()
     stability: StabilityParams = StabilityParams()
+    remediation: RemediationParams = RemediationParams()
     runtime: RuntimeParams = RuntimeParams()
 
     @model_validator(mode="after")

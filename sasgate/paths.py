@@ -53,6 +53,23 @@ class Paths:
     def sae_dir(self, tuple_key: str) -> Path:
         return self.saes_dir / tuple_key
 
+    # behaviour half (issue 3): DIM, SAS, steering, scores
+    @property
+    def directions_dir(self) -> Path:
+        return self.artifacts / "directions"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.artifacts / "features"
+
+    @property
+    def steer_dir(self) -> Path:
+        return self.artifacts / "steer"
+
+    @property
+    def score_dir(self) -> Path:
+        return self.artifacts / "score"
+
     @property
     def gates(self) -> Path:
         return self.root / "gates"
@@ -68,6 +85,24 @@ class Paths:
 
     def manifest(self, stage: str) -> Path:
         return self.root / "manifests" / f"{stage}.json"
+
+    # preregistration, decision and claims (issue 5): the lock and rules are in git; decision.json
+    # and CLAIMS.md are DVC outs (cache: false) at the project root
+    @property
+    def stop_rules(self) -> Path:
+        return self.root / "preregistration" / "stop_rules.yaml"
+
+    @property
+    def preregistration_lock(self) -> Path:
+        return self.root / "preregistration" / "lock.json"
+
+    @property
+    def decision(self) -> Path:
+        return self.root / "decision.json"
+
+    @property
+    def claims_md(self) -> Path:
+        return self.root / "CLAIMS.md"
 
     @property
     def run_log(self) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sasgate.activations import StreamingTensorWriter, write_token_index
+from sasgate.activations import POST_INSTRUCTION_FILE, StreamingTensorWriter, save_post_instruction, write_token_index
 from sasgate.artifacts import atomic_dir, atomic_write_json, write_manifest
 from sasgate.evalset import EvalItem, check_lock, resolve_eval_set
 from sasgate.modeling import ChatModel, load_chat_model
@@ -70,6 +70,28 @@ def capture_split(chat: ChatModel, items: list[EvalItem], tuples, out: Path, bat
     return n_tokens
 
 
+# --- post-instruction resid_pre at every layer, for DIM candidates (issue 3) ---
+@torch.no_grad()
+def capture_post_instruction(chat: ChatModel, items: list[EvalItem], batch_size: int) -> torch.Tensor:
+    """[n_prompts, n_layers, n_post, d_model]: resid_pre of every block at the post-instruction positions
+    (the last n_post tokens of each left-padded prompt); what `directions` builds its candidates from."""
+    model = chat.model
+    n_post = chat.n_post_instruction
+    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.cfg.n_layers)]
+    grabbed: dict[str, torch.Tensor] = {}
+
+    def grab(act: torch.Tensor, hook) -> None:
+        grabbed[hook.name] = act[:, -n_post:].to("cpu", torch.float32)
+
+    parts = []
+    for _, batch in _batches([it.text for it in items], batch_size):
+        ids, mask = chat.encode(batch)
+        model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=[(n, grab) for n in names],
+                             stop_at_layer=model.cfg.n_layers)
+        parts.append(torch.stack([grabbed[n] for n in names], dim=1))
+    return torch.cat(parts)
+
+
 def _refusal_or_none(chat: ChatModel, completion: str) -> bool | None:
     try:
         return chat.is_refusal(completion)
@@ -113,6 +135,8 @@ def run(params: Params, paths: Paths) -> dict:
             (out / split).mkdir()
             tokens[split] = capture_split(chat, [it for it in items if it.split == split], params.tuples,
                                           out / split, size)
+        selection = [it for it in items if it.split == "selection"]  # DIM candidates come from selection only
+        save_post_instruction(out / "selection" / POST_INSTRUCTION_FILE, capture_post_instruction(chat, selection, size))
         refusal = write_generations(chat, items, out / "generations.jsonl", size, params.collect.max_new_tokens)
     metrics = {"n_items": {s: sum(it.split == s for it in items) for s in SPLITS},
                "n_tokens": tokens, "tuples": params.tuple_keys, "baseline_refusal_rate": refusal}

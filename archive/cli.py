@@ -1,0 +1,268 @@
+"""`sasgate archive`: keygen, export, verify, show."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+import click
+
+from sasgate.errors import NotVerifiedError
+
+from . import keys
+
+ARCHIVE_EXIT_CODES = """\b
+Exit codes (export, keygen):
+  0   success
+  2   usage error
+  5   missing or corrupt artifact (e.g. no decision.json: run dvc repro)
+  20  the workspace does not match dvc.lock or the sha256 manifests
+  21  key file unsafe (readable by others), unreadable, not Ed25519,
+      or a private key among the files to bundle
+Exit codes (verify):
+  0   verified (with --reproduce: and bit-exact or decision-equivalent)
+  1   not verified, or not reproduced: the first reason names the file
+  2   usage error (bad arguments, unreadable public key)
+"""
+
+
+def fails_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """sasgate.cli.fails_cleanly, looked up at call time: sasgate.cli imports this module to register it."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from sasgate.cli import fails_cleanly as wrap
+
+        return wrap(fn)(*args, **kwargs)
+
+    return wrapper
+
+
+@click.group(epilog=ARCHIVE_EXIT_CODES)
+def archive() -> None:
+    """Signed negative-result bundles that others can verify offline and re-run."""
+
+
+def _passphrase(passphrase_file: str | None, ask: bool, confirm: bool) -> bytes | None:
+    if ask:
+        return click.prompt("passphrase", hide_input=True, confirmation_prompt=confirm).encode()
+    return keys.read_passphrase(passphrase_file)
+
+
+@archive.command()
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="folder for sasgate_ed25519 (0600) and sasgate_ed25519.pub")
+@click.option("--format", "fmt", type=click.Choice(["openssh", "pem"]), default="openssh", show_default=True,
+              help="private key encoding (PEM = PKCS#8, readable by openssl)")
+@click.option("--passphrase-file", type=click.Path(dir_okay=False),
+              help="encrypt the private key with the first line of this file (or set SASGATE_KEY_PASSPHRASE)")
+@click.option("--ask-passphrase", is_flag=True, help="prompt for a passphrase to encrypt the private key")
+@click.option("--comment", default="sasgate", show_default=True, help="comment on the OpenSSH public key line")
+@click.option("--json", "as_json", is_flag=True, help="print paths, public key and fingerprint as JSON")
+@fails_cleanly
+def keygen(out_dir: str, fmt: str, passphrase_file: str | None, ask_passphrase: bool, comment: str,
+           as_json: bool) -> None:
+    """Make an Ed25519 key pair for signing bundles; never overwrites an existing key."""
+    kp = keys.generate(out_dir, _passphrase(passphrase_file, ask_passphrase, confirm=True), fmt, comment)  # type: ignore[arg-type]
+    if as_json:
+        click.echo(json.dumps({"private_key": str(kp.private_path), "public_key": str(kp.public_path),
+                               "openssh": kp.public_openssh, "fingerprint": kp.fingerprint}, indent=2))
+        return
+    click.echo(f"private key: {kp.private_path} (mode 0600; keep it secret, never commit it)")
+    click.echo(f"public key:  {kp.public_path}  {kp.fingerprint}")
+    click.echo(kp.public_openssh)
+
+
+@archive.command()
+@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False), help="Ed25519 private key")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="the bundle to write (.tar.gz)")
+@click.option("--root", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="project root (holds dvc.yaml)")
+@click.option("--include-large", is_flag=True, help="bundle DVC-cached artifacts (weights, activations) too")
+@click.option("--passphrase-file", type=click.Path(dir_okay=False),
+              help="passphrase of an encrypted key (or set SASGATE_KEY_PASSPHRASE; prompted on a terminal)")
+@click.option("--signer", help="a name for the signer, recorded in the signed statement")
+@click.option("--rtol", type=float, default=None, help="relative tolerance for decision-equivalent re-runs "
+              "[default: 0.05]")
+@click.option("--atol", type=float, default=None, help="absolute tolerance for decision-equivalent re-runs "
+              "[default: 0.001]")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@fails_cleanly
+def export(key_path: str, out: str, root: str, include_large: bool, passphrase_file: str | None,
+           signer: str | None, rtol: float | None, atol: float | None, as_json: bool) -> None:
+    """Write a signed bundle of the pipeline's results; refuses a stale or modified workspace."""
+    from .export import DEFAULT_ATOL, DEFAULT_RTOL
+    from .export import export as do_export
+
+    passphrase = keys.read_passphrase(passphrase_file)
+    if passphrase is None and sys.stdin.isatty() and keys.is_encrypted(key_path):
+        passphrase = _passphrase(None, True, confirm=False)
+    res = do_export(root, key_path, out, include_large=include_large, passphrase=passphrase, signer=signer,
+                    rtol=DEFAULT_RTOL if rtol is None else rtol, atol=DEFAULT_ATOL if atol is None else atol)
+    if as_json:
+        click.echo(json.dumps({"out": str(res.out), "sha256": res.sha256, "files": res.n_files,
+                               "large_listed": res.n_large_listed, "keyid": res.keyid,
+                               "decision_state": res.decision_state}, indent=2))
+        return
+    click.echo(f"wrote {res.out} ({res.n_files} files, sha256 {res.sha256})")
+    click.echo(f"signed by {res.keyid}; decision: {res.decision_state}")
+    if res.n_large_listed:
+        click.echo(f"{res.n_large_listed} large artifacts listed by sha256, not included (--include-large adds them)")
+
+
+def _load_public(ctx: click.Context, param: click.Parameter, value: str) -> Any:
+    try:
+        return keys.load_public(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _decision_lines(decision: dict[str, Any]) -> list[str]:
+    lines = [f"decision: {decision.get('decision_state')} (active path {decision.get('active_path')}, "
+             f"phase movement authorized: {str(decision.get('phase_movement_authorized')).lower()})",
+             "gates: " + ", ".join(f"{g} {s.get('status')}" for g, s in decision.get("gates", {}).items())]
+    claims = decision.get("claims", {})
+    for title, kind in (("we can claim", "allowed"), ("we cannot claim", "disallowed")):
+        lines.append(f"{title}:")
+        lines += [f"  - {c.get('id')}: {c.get('text')}" for c in claims.get(kind, [])] or ["  (none)"]
+    lines.append("reopen condition:")
+    for r in decision.get("reopen_conditions", []) or [{"kind": "none", "text": "nothing is closed"}]:
+        tuples = "; ".join(f"{t['model']} L{t['layer']} {t['site']}" for t in r.get("required_tuples", []))
+        lines.append(f"  - ({r.get('kind')}) {r.get('text')}" + (f" Required tuples: {tuples}." if tuples else ""))
+    return lines
+
+
+def _large_line(info: dict[str, Any]) -> str:
+    rows = info.get("large_artifacts", [])
+    included = sum(bool(a.get("included")) for a in rows)
+    remote = info.get("dvc_remote")
+    where = f"`dvc pull` from remote {remote['name']} ({remote['url']})" if remote else "no DVC remote recorded"
+    return f"large artifacts: {len(rows)} listed by sha256 + DVC md5, {included} included; {where}"
+
+
+@archive.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--key", "public_key", required=True, type=click.Path(dir_okay=False), callback=_load_public,
+              help="the signer's Ed25519 public key (OpenSSH .pub line or PEM)")
+@click.option("--reproduce", is_flag=True, help="also re-run the pipeline in a fresh folder and compare")
+@click.option("--workdir", type=click.Path(file_okay=False),
+              help="folder for --reproduce (absent or empty; kept). Default: a temp folder, removed after")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+def verify(file: str, public_key: Any, reproduce: bool, workdir: str | None, as_json: bool) -> None:
+    """Check FILE's signature, every digest, and that its claims follow from its gate records. Fails closed."""
+    if workdir and Path(workdir).exists() and (not Path(workdir).is_dir() or any(Path(workdir).iterdir())):
+        raise click.BadParameter(f"{workdir} must be absent or empty", param_hint="--workdir")
+    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="sasgate-reproduce-")) if reproduce else None
+    try:
+        _verify(file, public_key, work, as_json)
+    finally:
+        if work is not None and not workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _verify(file: str, public_key: Any, work: Path | None, as_json: bool) -> None:
+    from .reproduce import reproduce as do_reproduce
+    from .verify import verify as do_verify
+
+    report: dict[str, Any] = {"bundle": file, "verified": False}
+    try:
+        if work is not None:
+            (work / "bundle").mkdir(parents=True)
+        v = do_verify(file, public_key, extract_to=work / "bundle" if work else None)
+    except Exception as exc:  # fail closed: an unexpected error is never a pass
+        reason = str(exc) if isinstance(exc, NotVerifiedError) else \
+            f"internal error while checking: {type(exc).__name__}: {exc}"
+        _fail(report, as_json, "NOT VERIFIED", reason)
+    report.update(verified=True, keyid=v.keyid, signer=v.signer_name, checks=list(v.checks),
+                  git=v.info.get("git"), decision=v.decision.to_json())
+    if not as_json:
+        click.echo(f"VERIFIED {file}")
+        click.echo(f"signed by: {v.keyid} (the key given)" + (f", name {v.signer_name!r}" if v.signer_name else ""))
+        git = v.info.get("git", {})
+        click.echo(f"git commit: {git.get('commit')} (dirty: {'yes' if git.get('dirty') else 'no'})")
+        for line in _decision_lines(v.decision.to_json()) + [_large_line(v.info), "checks: " + ", ".join(v.checks)]:
+            click.echo(line)
+    if work is not None:
+        if not as_json:
+            click.echo(f"reproducing in {work} (dvc repro with the installed sasgate)...")
+        try:
+            outcome = do_reproduce(v, work)
+        except Exception as exc:
+            _fail(report, as_json, "NOT REPRODUCED", f"{type(exc).__name__}: {exc}")
+        report["reproduce"] = outcome.to_json()
+        if not as_json:
+            _print_outcome(outcome)
+        if outcome.verdict == "not reproduced":
+            _finish(report, as_json, 1)
+    _finish(report, as_json, 0)
+
+
+def _fail(report: dict[str, Any], as_json: bool, label: str, reason: str) -> NoReturn:
+    report["reason"] = reason
+    if not as_json:
+        click.echo(f"{label}: {reason}", err=True)
+    _finish(report, as_json, 1)
+
+
+def _print_outcome(outcome: Any) -> None:
+    click.echo(f"reproduce: {outcome.verdict} ({outcome.n_artifacts} artifacts compared)")
+    click.echo(f"  {outcome.reason}")
+    if outcome.differing:
+        click.echo(f"  first differing artifact: {outcome.first_difference} ({len(outcome.differing)} differ)")
+    t = outcome.tolerances
+    click.echo(f"  tolerances: |new - old| <= {t['atol']} + {t['rtol']} * |old| on every gate figure"
+               + (f"; worst: {outcome.worst_figure}" if outcome.worst_figure else ""))
+    if outcome.source_differences:
+        more = " ..." if len(outcome.source_differences) > 10 else ""
+        click.echo("  note: the installed sasgate differs from the bundle's source in "
+                   + ", ".join(outcome.source_differences[:10]) + more
+                   + ": the re-run's `python -m sasgate.stages.*` may have run installed code, not the bundle's")
+
+
+def _finish(report: dict[str, Any], as_json: bool, code: int) -> NoReturn:
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+    sys.exit(code)
+
+
+@archive.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print the contents as JSON")
+@fails_cleanly
+def show(file: str, as_json: bool) -> None:
+    """List what FILE holds WITHOUT verifying it (run `verify` before trusting any of it)."""
+    from . import bundle
+    from .verify import read_bundle
+
+    c = read_bundle(file)
+    def load(name: str) -> Any:
+        try:
+            return json.loads(c.data[name])
+        except (KeyError, ValueError):
+            return None
+
+    decision, info, envelope = load("decision.json"), load(bundle.BUNDLE_INFO), load(bundle.ENVELOPE)
+    claimed = [s.get("keyid") for s in (envelope or {}).get("signatures", []) if isinstance(s, dict)]
+    if as_json:
+        click.echo(json.dumps({"unverified": True, "bundle": file, "claimed_signers": claimed,
+                               "files": [{"name": n, "size": c.sizes[n], "sha256": d} for n, d in c.digests.items()],
+                               "decision": decision, "bundle_info": info}, indent=2, sort_keys=True))
+        return
+    click.echo(f"UNVERIFIED contents of {file}: nothing below has been checked. "
+               f"Run `sasgate archive verify {file} --key PUB` before trusting it.")
+    click.echo(f"claimed signer key ids (unchecked): {', '.join(map(str, claimed)) or 'none'}")
+    if isinstance(decision, dict):
+        for line in _decision_lines(decision):
+            click.echo(f"[unverified] {line}")
+    if isinstance(info, dict):
+        git = info.get("git", {})
+        click.echo(f"[unverified] git commit: {git.get('commit')} (dirty: {git.get('dirty')})")
+        click.echo(f"[unverified] {_large_line(info)}")
+    click.echo(f"files ({len(c.digests)}, {sum(c.sizes.values())} bytes):")
+    for name in c.digests:
+        click.echo(f"  {c.sizes[name]:>12}  {name}")

@@ -1,0 +1,103 @@
+"""What dvc.yaml and dvc.lock say about the pipeline: stages in order, deps, outs, cache flags, md5s.
+
+Read as plain YAML (DVC's documented file formats) so export, the RO-Crate provenance and
+`--reproduce` share one view: which outs are DVC-cached ("large": fetched with `dvc pull`)
+and which are `cache: false` ("small": kept in git and always bundled).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sasgate.errors import ArtifactError
+
+_OUT_KINDS = ("outs", "metrics", "plots")
+
+
+@dataclass(frozen=True)
+class Out:
+    path: str
+    cached: bool
+    md5: str | None  # from dvc.lock; a directory's ends in ".dir"
+    stage: str
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    cmd: str
+    deps: tuple[str, ...]
+    dep_md5: dict[str, str | None]
+    outs: tuple[Out, ...]
+    params: dict[str, Any]
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"missing {path.name}: run `dvc repro` first") from None
+    except yaml.YAMLError as exc:
+        raise ArtifactError(f"{path.name}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("stages"), dict):
+        raise ArtifactError(f"{path.name}: no `stages` mapping")
+    return raw
+
+
+def _cache_flags(spec: dict[str, Any], stage: str) -> dict[str, bool]:
+    flags: dict[str, bool] = {}
+    for kind in _OUT_KINDS:
+        for item in spec.get(kind) or []:
+            if isinstance(item, str):
+                flags[item] = True
+            elif isinstance(item, dict) and len(item) == 1:
+                (path, opts), = item.items()
+                flags[path] = bool((opts or {}).get("cache", True))
+            else:
+                raise ArtifactError(f"dvc.yaml: stage {stage}: unreadable {kind} entry {item!r}")
+    return flags
+
+
+def read_pipeline(root: Path) -> list[Stage]:
+    """The stages of dvc.yaml, in file order, with their dvc.lock entries. Every stage must be locked."""
+    spec = _load(root / "dvc.yaml")
+    lock = _load(root / "dvc.lock")["stages"]
+    stages: list[Stage] = []
+    for name, st in spec["stages"].items():
+        if not isinstance(st, dict) or "foreach" in st or "matrix" in st:
+            raise ArtifactError(f"dvc.yaml: stage {name}: foreach/matrix stages are not supported by export")
+        if name not in lock:
+            raise ArtifactError(f"stage {name} is not in dvc.lock: run `dvc repro` first")
+        locked = lock[name]
+        flags = _cache_flags(st, name)
+        outs = []
+        for o in locked.get("outs") or []:
+            if o["path"] not in flags:
+                raise ArtifactError(f"dvc.lock: stage {name}: out {o['path']} is not declared in dvc.yaml")
+            outs.append(Out(o["path"], flags[o["path"]], o.get("md5"), name))
+        cmd = st.get("cmd", "")
+        stages.append(Stage(
+            name=name, cmd=" && ".join(cmd) if isinstance(cmd, list) else str(cmd),
+            deps=tuple(d["path"] for d in locked.get("deps") or []),
+            dep_md5={d["path"]: d.get("md5") for d in locked.get("deps") or []},
+            outs=tuple(outs), params=locked.get("params") or {},
+        ))
+    return stages
+
+
+def all_outs(stages: list[Stage]) -> list[Out]:
+    return [o for s in stages for o in s.outs]
+
+
+def under(path: str, prefix: str) -> bool:
+    """Whether the posix path is prefix itself or inside the folder prefix."""
+    return path == prefix or path.startswith(prefix.rstrip("/") + "/")
+
+
+def out_of(path: str, outs: list[Out]) -> Out | None:
+    """The DVC out a file belongs to, if any."""
+    return next((o for o in outs if under(path, o.path)), None)

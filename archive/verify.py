@@ -1,0 +1,214 @@
+"""`sasgate archive verify`: fail-closed checking of a received bundle against a public key.
+
+In order, stopping at the first failure (NotVerifiedError naming the file):
+1. the archive is read member by member through `safe_extract` (hostile input is
+   rejected before use; nothing is written unless an extraction folder is given);
+2. the DSSE envelope's Ed25519 signature verifies with the given public key;
+3. every file the signed statement lists is present with its sha256, and no file is
+   present that the statement does not list;
+4. the decision and the claims follow from the gate records through the same state
+   machine (`sasgate.decision.decide` on the bundled gate records and params;
+   `render_claims_md` of that decision must equal CLAIMS.md byte for byte);
+5. the signed predicate equals the summary rebuilt from decision.json and bundle.json,
+   and the manifests and gate records agree with the bundle's sha256 of every artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from itertools import zip_longest
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from sasgate.claims import GATES
+from sasgate.decision import Decision, decide, record_sha256, render_claims_md, validate_decision
+from sasgate.errors import NotVerifiedError, SasgateError
+from sasgate.gates import GateRecord, validate_gate
+from sasgate.params import Params, parse_params
+from sasgate.status import required_tuples
+
+from . import bundle, dsse
+from .export import predicate_for
+from .safe_extract import CHUNK, Limits, iter_members, open_target
+
+KEEP_MAX = 16 << 20  # members up to this size are kept in memory for the content checks
+KEEP_TOTAL = 512 << 20
+
+
+@dataclass
+class Contents:
+    """What one pass over the archive saw: every member's sha256 and size, small members' bytes."""
+
+    path: Path
+    digests: dict[str, str] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    data: dict[str, bytes] = field(default_factory=dict)
+
+    def text(self, name: str) -> str:
+        if name not in self.data:
+            why = "missing" if name not in self.digests else "too large to read"
+            raise NotVerifiedError(f"{name}: {why} in {self.path.name}")
+        try:
+            return self.data[name].decode("utf-8")
+        except UnicodeDecodeError:
+            raise NotVerifiedError(f"{name}: not UTF-8 text") from None
+
+    def json(self, name: str) -> Any:
+        try:
+            return json.loads(self.text(name))
+        except json.JSONDecodeError as exc:
+            raise NotVerifiedError(f"{name}: not valid JSON ({exc})") from None
+
+
+def read_bundle(path: str | os.PathLike, limits: Limits = Limits(), extract_to: Path | None = None) -> Contents:
+    """One pass: hash every member, keep the small ones, optionally write each below extract_to."""
+    contents = Contents(Path(path))
+    kept = 0
+    for m in iter_members(path, limits):
+        h, keep = hashlib.sha256(), m.size <= KEEP_MAX and kept + m.size <= KEEP_TOTAL
+        chunks: list[bytes] = []
+        with open_target(extract_to, m.name) if extract_to else contextlib.nullcontext() as out:
+            while chunk := m.stream.read(CHUNK):
+                h.update(chunk)
+                if keep:
+                    chunks.append(chunk)
+                if out is not None:
+                    out.write(chunk)
+        contents.digests[m.name] = h.hexdigest()
+        contents.sizes[m.name] = m.size
+        if keep:
+            contents.data[m.name] = b"".join(chunks)
+            kept += m.size
+    return contents
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A bundle that passed every check, and what it says."""
+
+    contents: Contents
+    keyid: str
+    statement: dsse.Statement
+    decision: Decision
+    info: dict[str, Any]
+    checks: tuple[str, ...]
+
+    @property
+    def signer_name(self) -> str | None:
+        return self.info.get("signer", {}).get("name")
+
+
+def verify(path: str | os.PathLike, key: Ed25519PublicKey, limits: Limits = Limits(),
+           extract_to: Path | None = None) -> Verified:
+    """Every check of the module docstring; raises NotVerifiedError with the first failure."""
+    contents = read_bundle(path, limits, extract_to)
+    if bundle.ENVELOPE not in contents.digests:
+        raise NotVerifiedError(f"{bundle.ENVELOPE}: missing: not a sasgate bundle, or its signature was removed")
+    statement, keyid = dsse.open_envelope(contents.data.get(bundle.ENVELOPE, b""), key, bundle.ENVELOPE)
+    check_subjects(statement.digests(), {n: d for n, d in contents.digests.items() if n != bundle.ENVELOPE})
+    info = contents.json(bundle.BUNDLE_INFO)
+    if not isinstance(info, dict) or info.get("schema") != bundle.BUNDLE_SCHEMA:
+        raise NotVerifiedError(f"{bundle.BUNDLE_INFO}: not a {bundle.BUNDLE_SCHEMA} record")
+    decision = check_decision(contents)
+    if statement.predicate != predicate_for(contents.json("decision.json"), info):
+        raise NotVerifiedError(f"{bundle.ENVELOPE}: the signed predicate does not match decision.json and "
+                               f"{bundle.BUNDLE_INFO}")
+    check_artifact_digests(contents, info)
+    checks = ("signature", f"{len(statement.subject)} subject digests", "no unlisted files",
+              "decision and claims re-derived", "manifests and gate inputs")
+    return Verified(contents, keyid, statement, decision, info, checks)
+
+
+def check_subjects(listed: dict[str, str], present: dict[str, str]) -> None:
+    for name in sorted(set(listed) | set(present)):
+        if name not in present:
+            raise NotVerifiedError(f"{name}: listed in the signed statement but missing from the bundle")
+        if name not in listed:
+            raise NotVerifiedError(f"{name}: present in the bundle but not listed in the signed statement")
+        if listed[name] != present[name]:
+            raise NotVerifiedError(f"{name}: sha256 {present[name]} differs from the signed {listed[name]}")
+
+
+def bundled_params(contents: Contents) -> Params:
+    try:
+        return parse_params(yaml.safe_load(contents.text("params.yaml")), origin="params.yaml")
+    except yaml.YAMLError as exc:
+        raise NotVerifiedError(f"params.yaml: not valid YAML ({exc})") from None
+    except SasgateError as exc:
+        raise NotVerifiedError(str(exc)) from None
+
+
+def gate_records(contents: Contents) -> dict[str, GateRecord]:
+    """The bundled gate records, validated and in the canonical form their sha256 in decision.json refers to."""
+    records: dict[str, GateRecord] = {}
+    for gate in GATES:
+        name = f"gates/{gate}.json"
+        if name in contents.digests:
+            try:
+                records[gate] = validate_gate(contents.json(name), origin=name)
+            except SasgateError as exc:
+                raise NotVerifiedError(str(exc)) from None
+            if record_sha256(records[gate]) != contents.digests[name]:
+                raise NotVerifiedError(f"{name}: not in canonical form (edited by hand?)")
+    return records
+
+
+def check_decision(contents: Contents) -> Decision:
+    """decision.json and CLAIMS.md must be exactly what the state machine makes of the gate records."""
+    try:
+        stated = validate_decision(contents.json("decision.json"), origin="decision.json")
+        derived = decide(gate_records(contents), required_tuples(bundled_params(contents)))
+    except NotVerifiedError:
+        raise
+    except SasgateError as exc:
+        raise NotVerifiedError(f"decision.json: {exc}") from None
+    got, want = stated.to_json(), derived.to_json()
+    for k in sorted(set(got) | set(want)):
+        if got.get(k) != want.get(k):
+            raise NotVerifiedError(f"decision.json does not follow from the gate records: {k} is "
+                                   f"{_short(got.get(k))} in the bundle, the state machine gives {_short(want.get(k))}")
+    claims, rendered = contents.text("CLAIMS.md").splitlines(), render_claims_md(derived).splitlines()
+    for i, (a, b) in enumerate(zip_longest(claims, rendered, fillvalue="(end of file)"), 1):
+        if a != b:
+            raise NotVerifiedError(f"CLAIMS.md does not follow from the gate records (line {i}: {_short(a)}; "
+                                   f"the state machine renders {_short(b)})")
+    if contents.text("CLAIMS.md") != render_claims_md(derived):
+        raise NotVerifiedError("CLAIMS.md does not follow from the gate records (whitespace or line endings differ)")
+    return derived
+
+
+def _short(v: Any, n: int = 160) -> str:
+    s = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+    return repr(s if len(s) <= n else s[: n - 3] + "...")
+
+
+def artifact_digests(contents: Contents, info: dict[str, Any]) -> dict[str, str]:
+    """sha256 of every artifact the bundle holds or lists (listed large artifacts included)."""
+    known = {a["path"]: a["sha256"] for a in info.get("large_artifacts", [])}
+    for a in info.get("large_artifacts", []):
+        if a.get("included") and contents.digests.get(a["path"]) != a["sha256"]:
+            raise NotVerifiedError(f"{a['path']}: {bundle.BUNDLE_INFO} says it is included with sha256 "
+                                   f"{a['sha256']}, the bundle disagrees")
+    return {**known, **contents.digests}
+
+
+def check_artifact_digests(contents: Contents, info: dict[str, Any]) -> None:
+    """Manifests and gate records name artifacts by sha256: those must agree with the bundle."""
+    known = artifact_digests(contents, info)
+    for name in sorted(n for n in contents.digests if n.startswith("manifests/") and n.endswith(".json")):
+        for path, entry in sorted(contents.json(name).get("files", {}).items()):
+            if path not in known:
+                raise NotVerifiedError(f"{name}: lists {path}, which the bundle neither holds nor lists")
+            if known[path] != entry.get("sha256"):
+                raise NotVerifiedError(f"{path}: sha256 in {name} differs from the bundle's")
+    for gate, record in gate_records(contents).items():
+        for path, digest in sorted(record.inputs.items()):
+            if path in known and "sha256:" + known[path] != digest:
+                raise NotVerifiedError(f"gates/{gate}.json: input {path} has another sha256 than the bundle's")
