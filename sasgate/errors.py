@@ -73,3 +73,12 @@ class SelectionError(SasgateError):
     """Nothing to steer with: no DIM candidate survives Arditi's rule, or no SAE latent separates the classes."""
 
     exit_code = 9
+
+
+# --- watcher (issue 4: sasgate watch) ---
+class HubUnreachableError(SasgateError):
+    """The Hub could not be read (network error, HTTP 5xx/429 after retries, malformed JSON): no claim is made.
+
+    75 is EX_TEMPFAIL (sysexits.h): cron wrappers treat it as "try again later"."""
+
+    exit_code = 75

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ParamsError
+from .watch.settings import WatchParams
 
 TOY_MODEL = "toy-refusal"
 SITES = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
@@ -315,6 +316,7 @@ class Params(Strict):
     validity: ValidityParams = ValidityParams()
     stability: StabilityParams = StabilityParams()
     remediation: RemediationParams = RemediationParams()
+    watch: WatchParams = WatchParams()  # sasgate watch and remediation's Hub family (watch/settings.py)
     runtime: RuntimeParams = RuntimeParams()
 
     @model_validator(mode="after")

@@ -111,6 +111,7 @@ class Skipped(_Frozen):
 
     where: str
     reason: str
+    model: str | None = None  # the model it was for, when known: reports keep the skips of the models asked about
 
     def __str__(self) -> str:
         return f"{self.where}: {self.reason}"
