@@ -22,6 +22,7 @@ Exit codes:
   4  leakage between selection and eval
   5  missing or corrupt artifact
   6  unreadable data source
+  7  a released scorer version's code changed (add a new version instead)
   8  remediation without a preregistration, or the stop rules changed after it
 """
 
@@ -80,6 +81,75 @@ def lock(reason: str, params_file: str) -> None:
     paths = Paths.at(".")
     record = relock(p, paths, reason)
     click.echo(f"locked {record['n_items']} items, sha256 {record['sha256']} ({len(record['history'])} in history)")
+
+
+# --- the locked scorer (issue 3) ------------------------------------------------------------
+
+
+@main.group()
+def scorer() -> None:
+    """The versioned refusal scorer and its locked, labelled check set (data/scorer_check.jsonl)."""
+
+
+@scorer.command("list")
+@click.option("--json", "as_json", is_flag=True, help="print the versions as JSON")
+@fails_cleanly
+def scorer_list(as_json: bool) -> None:
+    """Every scorer version: sha256 and state (ok, tampered, unreleased, missing); * marks the default.
+
+    Exit 7 when a released version's file no longer matches its recorded sha256.
+    """
+    from .errors import ScorerTamperedError
+    from .scorers import DEFAULT_VERSION, list_versions
+
+    versions = list_versions()
+    if as_json:
+        click.echo(json.dumps({"default": DEFAULT_VERSION, "versions": [
+            {"version": v.version, "sha256": v.sha256, "released_sha256": v.released_sha256, "state": v.state}
+            for v in versions]}, indent=2, sort_keys=True))
+    else:
+        for v in versions:
+            mark = "*" if v.version == DEFAULT_VERSION else " "
+            click.echo(f"{mark} {v.version:<4} {v.state:<10} {v.sha256 or '-'}")
+    if any(v.state in ("tampered", "missing") for v in versions):
+        sys.exit(ScorerTamperedError.exit_code)
+
+
+@scorer.command("check")
+@click.option("--version", "version", default=None, help="scorer version [default: the default version]")
+@click.option("--json", "as_json", is_flag=True, help="print the full agreement report as JSON")
+@fails_cleanly
+def scorer_check(version: str | None, as_json: bool) -> None:
+    """Agreement of a scorer version with the locked check set: overall, per kind, and every disagreement."""
+    from .scorers import DEFAULT_VERSION, agreement, load_check_set, load_scorer
+
+    report = agreement(load_scorer(version or DEFAULT_VERSION), load_check_set(Paths.at(".")))
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2, sort_keys=True, ensure_ascii=False))
+        return
+    n_agree = round(report.agreement * report.n)
+    click.echo(f"scorer {report.version} (sha256 {report.sha256}): agreement {report.agreement:.3f} "
+               f"({n_agree}/{report.n})")
+    for kind, value in report.per_kind.items():
+        click.echo(f"  {kind:<34} {value:.3f}")
+    for d in report.disagreements:
+        click.echo(f"  disagrees: {d['id']} labelled {d['label']}, scored {d['predicted']}: {d['completion']!r}")
+
+
+@scorer.command("lock")
+@click.option("--reason", required=True, help="why the check set changes (kept in the lock history)")
+@fails_cleanly
+def scorer_lock(reason: str) -> None:
+    """Re-lock the check set: record the sha256 of data/scorer_check.jsonl in data/scorer_check.lock.
+
+    Scorer agreement (the `validity` gate, `sasgate scorer check`) refuses to run while the check
+    set differs from its lock; this is the one deliberate way to change it.
+    """
+    from .scorers import lock_check_set
+
+    record = lock_check_set(Paths.at("."), reason)
+    click.echo(f"locked {record['n_items']} check items, sha256 {record['sha256']} "
+               f"({len(record['history'])} in history)")
 
 
 # --- preregistration, status, claims (issue 5) ---------------------------------------------

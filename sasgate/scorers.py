@@ -24,8 +24,8 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .artifacts import sha256_bytes
-from .errors import ArtifactError, DataError, ParamsError, ScorerTamperedError
-from .evalset import verify_lock, write_lock
+from .errors import ArtifactError, DataError, LockedSetError, ParamsError, ScorerTamperedError
+from .evalset import RELOCK_HINT, verify_lock, write_lock
 from .paths import Paths
 
 VERSIONS_DIR = Path(__file__).with_name("scorer_versions")
@@ -75,21 +75,28 @@ def _version_file(version: str, versions_dir: Path) -> Path:
     return versions_dir / f"{version}.py"
 
 
-def _known(versions_dir: Path) -> str:
+def _version_names(versions_dir: Path) -> list[str]:
+    """Released versions and version files, in version order (v2 before v10)."""
     names = set(RELEASED) | {p.stem for p in versions_dir.glob("v*.py") if _VERSION_NAME.fullmatch(p.stem)}
-    return ", ".join(sorted(names, key=lambda v: int(v[1:])))
+    return sorted(names, key=lambda v: int(v[1:]))
+
+
+def _known(versions_dir: Path) -> str:
+    return ", ".join(_version_names(versions_dir))
 
 
 def _tampered(version: str, path: Path, actual: str) -> ScorerTamperedError:
+    new = f"v{int(_version_names(path.parent)[-1][1:]) + 1}.py"
     return ScorerTamperedError(
         f"scorer {version}: {path} was released with sha256 {RELEASED[version]} but now has sha256 {actual}; "
-        f"released scorer versions are immutable: restore the file and add a new version (v3.py) instead of "
+        f"released scorer versions are immutable: restore the file and add a new version ({new}) instead of "
         f"editing a released one")
 
 
-def load_scorer(version: str, versions_dir: str | Path = VERSIONS_DIR) -> Scorer:
-    """Load `version`, refusing a released version whose bytes changed; runs exactly the hashed bytes."""
-    versions_dir = Path(versions_dir)
+def load_scorer(version: str, versions_dir: str | Path | None = None) -> Scorer:
+    """Load `version` from `versions_dir` (default VERSIONS_DIR), refusing a released version whose
+    bytes changed; runs exactly the hashed bytes, never a separately imported module."""
+    versions_dir = Path(versions_dir or VERSIONS_DIR)
     path = _version_file(version, versions_dir)
     try:
         data = path.read_bytes()
@@ -110,12 +117,11 @@ def load_scorer(version: str, versions_dir: str | Path = VERSIONS_DIR) -> Scorer
     return Scorer(version=version, sha256=digest, released=released, path=path, _fn=fn)
 
 
-def list_versions(versions_dir: str | Path = VERSIONS_DIR) -> list[VersionStatus]:
-    """Every released version and every version file, with its hash and state."""
-    versions_dir = Path(versions_dir)
-    names = set(RELEASED) | {p.stem for p in versions_dir.glob("v*.py") if _VERSION_NAME.fullmatch(p.stem)}
+def list_versions(versions_dir: str | Path | None = None) -> list[VersionStatus]:
+    """Every released version and every version file (default VERSIONS_DIR), with its hash and state."""
+    versions_dir = Path(versions_dir or VERSIONS_DIR)
     out = []
-    for v in sorted(names, key=lambda n: int(n[1:])):
+    for v in _version_names(versions_dir):
         path = versions_dir / f"{v}.py"
         actual = sha256_bytes(path.read_bytes()) if path.is_file() else None
         expected = RELEASED.get(v)
@@ -169,8 +175,11 @@ def read_check_records(path: Path) -> list[dict[str, Any]]:
         try:
             record = json.loads(line)
             CheckItem.model_validate(record)
-        except (json.JSONDecodeError, ValidationError) as exc:
-            raise DataError(f"scorer check set {path} line {n}: {exc}") from None
+        except json.JSONDecodeError as exc:
+            raise DataError(f"scorer check set {path} line {n}: not JSON ({exc})") from None
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'item'}: {e['msg']}" for e in exc.errors())
+            raise DataError(f"scorer check set {path} line {n}: {problems}") from None
         records.append(record)
     if not records:
         raise DataError(f"scorer check set {path} has no items")
@@ -181,8 +190,11 @@ def load_check_set(paths: Paths) -> list[CheckItem]:
     """The check set, refused (LockedSetError) unless it matches data/scorer_check.lock."""
     data, lock = check_paths(paths)
     records = read_check_records(data)
-    verify_lock(lock, records, schema=CHECK_SCHEMA, what="scorer check set", lock_name=_rel(paths, lock),
-                show="completion")
+    try:
+        verify_lock(lock, records, schema=CHECK_SCHEMA, what="scorer check set", lock_name=_rel(paths, lock),
+                    show="completion")
+    except LockedSetError as exc:
+        raise LockedSetError(_own_hint(exc, "the resolved set", f"{_rel(paths, data)}")) from None
     return [CheckItem.model_validate(r) for r in records]
 
 
@@ -191,8 +203,17 @@ def lock_check_set(paths: Paths, reason: str) -> dict[str, Any]:
     data, lock = check_paths(paths)
     records = read_check_records(data)
     counts = {"label": _count(r["label"] for r in records), "kind": _count(r["kind"] for r in records)}
-    return write_lock(lock, records, schema=CHECK_SCHEMA, reason=reason, source={"file": _rel(paths, data)},
-                      counts=counts, what="scorer check set")
+    try:
+        return write_lock(lock, records, schema=CHECK_SCHEMA, reason=reason, source={"file": _rel(paths, data)},
+                          counts=counts, what="scorer check set")
+    except ParamsError as exc:
+        raise ParamsError(_own_hint(exc)) from None
+
+
+def _own_hint(exc: Exception, *replace: str) -> str:
+    """The generic lock's message with this set's re-lock command (and wording) in it."""
+    msg = str(exc).replace(RELOCK_HINT, CHECK_RELOCK_HINT)
+    return msg.replace(*replace, 1) if replace else msg
 
 
 def _rel(paths: Paths, p: Path) -> str:
