@@ -232,6 +232,8 @@ def project_report(params: Params, paths: Paths) -> dict[str, Any]:
     for stage, files in artifacts["changed"].items():
         problems.append(f"artifacts changed since stage {stage} wrote them: {', '.join(files)}")
     prereg = _preregistration(params, paths)
+    if prereg["locked"] and not prereg["ok"]:  # goalposts moved after preregistration (no lock at all: not flagged)
+        problems.append(f"preregistration: {prereg['message']}")
     return {
         "decision": on_disk.to_json() if on_disk else None,
         "gates": {g: gate_summary(rec).model_dump() for g, rec in gates.items()},
@@ -263,6 +265,8 @@ def format_decision(d: dict[str, Any] | None, gates: dict[str, Any]) -> list[str
         g = gates[name]
         thr = f"{g['metric']} {g['comparison']} {_fig(g['threshold'])}" if g["threshold"] is not None else "no threshold"
         lines.append(f"  {name:<15} {g['status']:<10} key figure {_fig(g['key_figure']):<8} ({thr})")
+        if g.get("reason"):
+            lines.append(f"  {'':<15} {g['reason']}")
     if d is None:
         return lines
     lines.append("claims: " + f"{len(d['claims']['allowed'])} allowed, {len(d['claims']['disallowed'])} disallowed "

@@ -202,7 +202,12 @@ def test_rules_apply_in_their_preregistered_order():
     assert run_search(rules_with(0, ("K2", "K1", "K3")), spec)[0].stopped_by.id == "K2"
 
 
-# --- end to end: the real `dvc repro` on a small project, by params only ---------------------------
+# --- end to end: the real `dvc repro` on the shared SMALL project, by params only ---------------------
+#
+# Every variant copies the session's `reproduced_small` (tests/conftest.py) and changes params only, so
+# `dvc repro` re-runs just the stages those params feed. The unlock is moved by the preregistered
+# threshold, so the failing variant preregisters its protocol before it runs (as a study would); the
+# passing one does not need remediation, and `sasgate status` names the moved threshold.
 
 
 def repro(root: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -229,73 +234,109 @@ def decision_of(root: Path) -> tuple[str, bool, str]:
     return d["active_path"], d["phase_movement_authorized"], d["decision_state"]
 
 
-FAILING = {"reconstruction": {"threshold": 1e-6}}  # no SAE reconstructs that well: the unlock fails
+def stages_run(out: str) -> list[str]:
+    return [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")]
+
+
+def variant(reproduced_small: Path, dest: Path, over: dict) -> tuple[Path, subprocess.CompletedProcess]:
+    from projects import copy_project
+
+    root = copy_project(reproduced_small, dest)
+    set_params(root, over)
+    return root, repro(root, check=False)
+
+
+GATE_STAGES = ["reconstruction", "remediation", "decide"]
+FAILING = {"reconstruction": {"threshold": 0.0}}  # nMSE <= 0: no trained SAE reconstructs exactly
+PASSING = {"reconstruction": {"threshold": 10.0}}  # far above any nMSE a trained SAE gives
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """A small project whose reconstruction fails by params, preregistered after that, reproduced once.
-    Variants copy it and change params: `dvc repro` then reruns only what changed."""
-    from projects import SMALL, make_project, merge
+def failed(reproduced_small, tmp_path_factory):
+    """The shared SMALL project with the unlock failing by params, its protocol preregistered for that
+    threshold before remediation runs, reproduced."""
+    from projects import copy_project
 
-    root = make_project(tmp_path_factory.mktemp("decision") / "proj", merge(SMALL, FAILING))
-    # the shipped lock was made on the default tuples and threshold: a project with others preregisters again
-    assert cli(root, "preregister", "--reason", "small test project").returncode == 0
-    repro(root)
+    root = copy_project(reproduced_small, tmp_path_factory.mktemp("failed") / "p")
+    set_params(root, FAILING)
+    res = cli(root, "preregister", "--reason", "the unlock threshold of this test")
+    assert res.returncode == 0, res.stderr
+    out = repro(root).stdout
+    assert stages_run(out) == GATE_STAGES, out
     return root
 
 
-def variant(built: Path, tmp_path: Path) -> Path:
-    dest = tmp_path / "variant"
-    shutil.copytree(built, dest, symlinks=True)
-    return dest
-
-
 @pytest.mark.slow
-def test_failing_reconstruction_leads_through_k2_to_the_limitation_lock(built):
-    assert decision_of(built) == ("limitation_lock_for_current_phase", False, "conditional_hold")
-    rem = json.loads((built / "gates" / "remediation.json").read_text())
+def test_failing_reconstruction_leads_through_k2_to_the_limitation_lock(failed):
+    assert json.loads((failed / "gates" / "reconstruction.json").read_text())["status"] == "fail"
+    assert decision_of(failed) == ("limitation_lock_for_current_phase", False, "conditional_hold")
+    rem = json.loads((failed / "gates" / "remediation.json").read_text())
     assert rem["status"] == "fail" and rem["details"]["stopped_by"]["id"] == "K2"
+    assert rem["details"]["evaluated"] == []  # K2 stops before any evaluation
     cov = rem["details"]["coverage"]
-    assert cov["A"]["text"] == "0/2"  # the installed sae-lens registry has nothing for toy-refusal
+    assert cov["A"]["text"] == "0/2" and cov["A"]["covered"] == 0  # the sae-lens registry has nothing for the toy
     assert cov["B"]["text"].startswith("unavailable: hub unreachable") and cov["B"]["covered"] is None
-    d = json.loads((built / "decision.json").read_text())
+    d = json.loads((failed / "decision.json").read_text())
+    assert d["coverage"] == {"A": "0/2", "B": cov["B"]["text"]}
     assert [c["kind"] for c in d["reopen_conditions"]] == ["sae_coverage", "family_unavailable"]
-    md = (built / "CLAIMS.md").read_text()
-    assert "## We cannot claim" in md and "stopped by: K2" in md
-    # consistent, and the overclaim guard passes the generated CLAIMS.md
-    assert cli(built, "status").returncode == 0
-    assert cli(built, "claims", "lint", "CLAIMS.md").returncode == 0
-    assert "Data and pipelines are up to date" in repro(built).stdout
+    assert {t["layer"] for t in d["reopen_conditions"][0]["required_tuples"]} == {0, 1}
+    assert {c["id"] for c in d["claims"]["disallowed"]} >= {"mechanism-sas-features", "causal-sas-features",
+                                                            "phase-advance", "reconstruction-adequate"}
+    md = (failed / "CLAIMS.md").read_text()
+    assert "## We cannot claim" in md and "stopped by: K2" in md and "candidate coverage: A = 0/2" in md
+    # consistent, the overclaim guard passes the generated CLAIMS.md and catches a mechanism claim
+    res = cli(failed, "status")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "decision: conditional_hold" in res.stdout and "all match" in res.stdout
+    assert cli(failed, "claims", "lint", "CLAIMS.md").returncode == 0
+    (failed / "post.md").write_text("Feature 3 encodes refusal.\n")
+    res = cli(failed, "claims", "lint", "post.md")
+    assert res.returncode == 1 and "post.md:1: overclaim [mechanism-sas-features]" in res.stdout
+    (failed / "post.md").unlink()
+    assert "Data and pipelines are up to date" in repro(failed).stdout
 
 
 @pytest.mark.slow
-def test_passing_reconstruction_authorizes_mechanism_claims(built, tmp_path):
-    root = variant(built, tmp_path)
-    set_params(root, {"reconstruction": {"threshold": 10.0}})
-    out = repro(root).stdout
-    assert "Running stage 'collect'" not in out and "Running stage 'steer'" not in out
+def test_passing_reconstruction_authorizes_mechanism_claims(reproduced_small, tmp_path):
+    root, res = variant(reproduced_small, tmp_path / "p", PASSING)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert stages_run(res.stdout) == GATE_STAGES
     assert decision_of(root) == ("mechanism_claims_authorized", True, "advance")
-    assert json.loads((root / "gates" / "remediation.json").read_text())["status"] == "not_needed"
+    rem = json.loads((root / "gates" / "remediation.json").read_text())
+    assert rem["status"] == "not_needed" and rem["details"] is None
+    d = json.loads((root / "decision.json").read_text())
+    assert d["reopen_conditions"] == [] and d["stopped_by"] is None
+    assert {c["id"] for c in d["claims"]["allowed"]} >= {"mechanism-sas-features", "causal-sas-features",
+                                                         "phase-advance", "reconstruction-adequate"}
     (root / "post.md").write_text("Feature 3 encodes refusal.\n")
     assert cli(root, "claims", "lint", "post.md").returncode == 0  # allowed now
+    # the threshold was preregistered at 0.12: status names the moved goalpost
+    res = cli(root, "status")
+    assert res.returncode == 1 and "params reconstruction.threshold: 0.12 -> 10.0" in res.stdout
 
 
 @pytest.mark.slow
-def test_failing_behaviour_gate_makes_the_behaviour_invalid(built, tmp_path):
-    root = variant(built, tmp_path)
-    set_params(root, {"validity": {"min_samples": 100000}})
-    repro(root)
+def test_failing_behaviour_gate_makes_the_behaviour_invalid(reproduced_small, tmp_path):
+    root, res = variant(reproduced_small, tmp_path / "p", {"score": {"version": "v1"}})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "steer" not in stages_run(res.stdout)  # the generations are kept; only their scores change
+    assert json.loads((root / "gates" / "behaviour.json").read_text())["status"] == "fail"
     assert decision_of(root) == ("behaviour_invalid", False, "hold")
+    d = json.loads((root / "decision.json").read_text())
+    assert [c["kind"] for c in d["reopen_conditions"]] == ["behaviour_gates"]
+    assert "limitation-behaviour-invalid" in {c["id"] for c in d["claims"]["allowed"]}
 
 
 @pytest.mark.slow
-def test_stop_rules_changed_after_preregistration_stop_dvc_repro_at_remediation(built, tmp_path):
-    root = variant(built, tmp_path)
+def test_stop_rules_changed_after_preregistration_stop_dvc_repro_at_remediation(failed, tmp_path):
+    from projects import copy_project
+
+    root = copy_project(failed, tmp_path / "p")
     edit_rules(root, lambda r: r["rules"][0]["parameters"].update(max_candidates=20))
     res = repro(root, check=False)
     assert res.returncode != 0
+    assert stages_run(res.stdout) == ["remediation"]
     err = res.stdout + res.stderr
     assert "sasgate remediation: error: the remediation protocol changed after preregistration" in err
     assert "rule K1 parameters.max_candidates: 8 -> 20" in err
-    assert not (root / "gates" / "remediation.json").exists()
+    assert not (root / "gates" / "remediation.json").exists()  # DVC removed the old record; nothing new written

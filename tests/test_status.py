@@ -65,7 +65,8 @@ def test_status_record_cli_prints_the_decision_and_claims_md(tmp_path):
     res = sasgate("status", "--record", str(STUDY), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     for text in ("decision: conditional_hold", "stopped by K2", "coverage: A = 0/4, B = 0/4",
-                 "reconstruction  fail", "0.195", "reproduces the study's recorded conclusion: yes",
+                 "reconstruction  fail", "0.195", "nmse 0.163–0.195 above threshold 0.12 on 4/4 required tuples",
+                 "reproduces the study's recorded conclusion: yes",
                  "## We cannot claim", "## What would reopen this work"):
         assert text in res.stdout
     out = json.loads(sasgate("status", "--record", str(STUDY), "--json", cwd=tmp_path).stdout)
@@ -136,3 +137,17 @@ def test_status_without_a_decision_says_so(tmp_path):
     res = sasgate("status", cwd=tmp_path)
     assert res.returncode == 1
     assert "decision: none yet" in res.stdout and "decision.json is missing" in res.stdout
+
+
+def test_a_protocol_changed_after_preregistration_is_flagged(project):
+    import shutil
+
+    from sasgate.preregistration import preregister
+
+    project.stop_rules.parent.mkdir(exist_ok=True)
+    shutil.copy(REPO / "preregistration" / "stop_rules.yaml", project.stop_rules)
+    preregister(parse_params(PARAMS), project, "before the run")
+    assert project_report(parse_params(PARAMS), project)["problems"] == []
+    moved = parse_params({**PARAMS, "reconstruction": {"threshold": 0.2}})  # the goalposts, after the fact
+    problems = project_report(moved, project)["problems"]
+    assert any(p.startswith("preregistration:") and "reconstruction.threshold: 0.12 -> 0.2" in p for p in problems)
