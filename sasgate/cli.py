@@ -24,6 +24,8 @@ Exit codes:
   6  unreadable data source
   7  a released scorer version's code changed (add a new version instead)
   8  remediation without a preregistration, or the stop rules changed after it
+  10 sasgate watch: the reopen condition is newly met (see sasgate watch --help)
+  75 sasgate watch: the Hub could not be read; nothing was claimed or written
 """
 
 
@@ -252,6 +254,11 @@ def claims_lint(files: tuple[str, ...], decision_file: str | None, record: str |
 from .archive.cli import archive as _archive  # noqa: E402  (after fails_cleanly, which it uses)
 
 main.add_command(_archive)
+
+# --- watch (issue 4) -------------------------------------------------------------------------
+from .watch.cli import watch as _watch  # noqa: E402
+
+main.add_command(_watch)
 
 
 if __name__ == "__main__":

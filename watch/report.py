@@ -1,0 +1,53 @@
+"""The short human report of one poll (the JSON report is the poll's dict itself)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+MAX_LISTED = 3  # covering SAEs named per tuple; --json has them all
+
+
+def _tuple_line(t: dict[str, Any], fresh: list[str]) -> str:
+    cov = t["covering"]
+    if not cov:
+        ex = t["excluded"]
+        why = f" ({len(ex)} excluded, e.g. {ex[0]['label']}: {ex[0]['reason']})" if ex else ""
+        return f"  {t['key']:<16} not covered{why}"
+    names = []
+    for c in cov[:MAX_LISTED]:
+        via = "" if c["how"] == "same hook" else f" [{c['how']}]"
+        flags = f" [{'; '.join(c['flags'])}]" if c["flags"] else ""
+        names.append(f"{c['label']}{via}{flags}")
+    more = f" and {len(cov) - MAX_LISTED} more" if len(cov) > MAX_LISTED else ""
+    return (f"  {t['key']:<16} covered by {len(cov)} ({len(fresh)} not seen at lock time): "
+            f"{', '.join(names)}{more}")
+
+
+def human(report: dict[str, Any]) -> str:
+    cov, reopen = report["coverage"], report["reopen"]
+    sources = " + ".join(report["sources"])
+    if reopen["newly_met"]:
+        verdict = "REOPEN CONDITION MET: every required tuple is covered by an SAE not seen at lock time"
+    elif reopen["met"]:
+        verdict = f"reopen condition still met (since {reopen['since']})"
+    else:
+        verdict = "reopen condition not met"
+    lines = [f"sasgate watch: {cov['text']} required tuples covered ({sources}); {verdict}"]
+    lines += [_tuple_line(t, reopen["fresh_covering"][t["key"]]) for t in cov["per_tuple"]]
+    if report["baseline_recorded"]:
+        lines.append(f"first poll of {', '.join(report['baseline_recorded'])}: what exists now is the lock-time "
+                     "baseline")
+    new = report["new_since_last_poll"]
+    lines.append(f"new since the last poll: {len(new)} SAE(s)" + (f": {', '.join(new[:MAX_LISTED])}"
+                                                                  + (" ..." if len(new) > MAX_LISTED else "")
+                                                                  if new else ""))
+    if "hub" in report["sources"]:
+        hub = report["sources"]["hub"]
+        lines.append(f"hub: {hub['repos']} repos listed, {len(hub['reread'])} read at a new sha")
+    if cov["skipped"]:
+        lines.append(f"skipped or excluded: {len(cov['skipped'])} (reasons in --json)")
+    if "evaluation" in report:
+        ev = report["evaluation"]
+        lines.append(f"evaluation: the reopened path would {'PASS' if ev['would_pass'] else 'not pass'} the "
+                     f"reconstruction gate ({ev['summary']})")
+    return "\n".join(lines)
