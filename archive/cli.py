@@ -189,7 +189,7 @@ def _verify(file: str, public_key: Any, work: Path | None, as_json: bool) -> Non
             click.echo(line)
     if work is not None:
         if not as_json:
-            click.echo(f"reproducing in {work} (dvc repro with the installed sasgate)...")
+            click.echo(f"reproducing in {work} (dvc repro; installs nothing)...")
         try:
             outcome = do_reproduce(v, work)
         except Exception as exc:
@@ -217,11 +217,7 @@ def _print_outcome(outcome: Any) -> None:
     t = outcome.tolerances
     click.echo(f"  tolerances: |new - old| <= {t['atol']} + {t['rtol']} * |old| on every gate figure"
                + (f"; worst: {outcome.worst_figure}" if outcome.worst_figure else ""))
-    if outcome.source_differences:
-        more = " ..." if len(outcome.source_differences) > 10 else ""
-        click.echo("  note: the installed sasgate differs from the bundle's source in "
-                   + ", ".join(outcome.source_differences[:10]) + more
-                   + ": the re-run's `python -m sasgate.stages.*` may have run installed code, not the bundle's")
+    click.echo(f"  ran: {outcome.code}")
 
 
 def _finish(report: dict[str, Any], as_json: bool, code: int) -> NoReturn:

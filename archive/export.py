@@ -78,11 +78,16 @@ def hash_file(path: Path, progress: Callable[[int], Any] | None = None) -> Hashe
     return Hashed(sha.hexdigest(), md5.hexdigest(), size, found)
 
 
-def _run(args: list[str], root: Path, what: str) -> str:
-    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+def tool_env(**extra: str) -> dict[str, str]:
+    """The environment for git and dvc: this interpreter's bin first (dvc.yaml's `python`), no DVC analytics."""
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", **extra)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _run(args: list[str], root: Path, what: str) -> str:
     try:
-        res = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True)
+        res = subprocess.run(args, cwd=root, env=tool_env(), capture_output=True, text=True)
     except FileNotFoundError:
         raise ArtifactError(f"{what}: `{args[0]}` is not installed") from None
     if res.returncode != 0:

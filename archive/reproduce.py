@@ -2,8 +2,12 @@
 
 The bundle is extracted (while it is verified) into WORKDIR/bundle; its project files,
 minus every DVC out and dvc.lock, are copied to WORKDIR/project, which becomes a fresh
-git repository; `dvc repro` runs there with the python and sasgate already installed
-(nothing is installed). Then every artifact is compared with the bundle's sha256:
+git repository; `dvc repro` runs there with the python already installed (nothing is
+installed) and the bundle's own sasgate source: its packages are laid out under
+WORKDIR/pythonpath as pyproject's package-dir map installs them, and that folder leads
+PYTHONPATH, so `python -m sasgate.stages.X` runs the code that produced the bundle (checked
+before the run), not whatever sasgate version is installed. Then every artifact is compared
+with the bundle's sha256:
 
 * `bit-exact`: every artifact the bundle holds or lists has the same sha256;
 * `decision-equivalent`: some hashes differ, but every gate status (per gate and per
@@ -11,20 +15,20 @@ git repository; `dvc repro` runs there with the python and sasgate already insta
   ci95 bounds) is within the bundle's signed tolerance |new - old| <= atol + rtol*|old|;
 * `not reproduced`: anything else, naming the first differing artifact in stage order.
 
-If the installed sasgate's source differs from the bundle's, that is reported with the
-outcome: the re-run used the installed code.
+The bundle's dvc.yaml commands and source run on this machine: only re-run a bundle that
+verified with the key of a signer you trust (the CLI verifies first).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -32,6 +36,7 @@ from sasgate.artifacts import iter_files, sha256_file
 from sasgate.errors import ArtifactError
 
 from . import bundle, dvcmeta
+from .export import tool_env
 from .verify import Verified, artifact_digests
 
 Verdict = Literal["bit-exact", "decision-equivalent", "not reproduced"]
@@ -49,7 +54,7 @@ class Outcome:
     reason: str
     tolerances: dict[str, Any]
     worst_figure: str | None = None
-    source_differences: list[str] = field(default_factory=list)
+    code: str = ""
     workdir: Path | None = None
 
     @property
@@ -59,18 +64,17 @@ class Outcome:
     def to_json(self) -> dict[str, Any]:
         return {"verdict": self.verdict, "n_artifacts": self.n_artifacts, "differing": self.differing,
                 "first_difference": self.first_difference, "reason": self.reason, "tolerances": self.tolerances,
-                "worst_figure": self.worst_figure, "source_differences": self.source_differences,
+                "worst_figure": self.worst_figure, "code": self.code,
                 "workdir": str(self.workdir) if self.workdir else None}
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", **GIT_ENV)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def _sh(args: list[str], cwd: Path, log: Path | None = None) -> subprocess.CompletedProcess:
-    res = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True)
+def _sh(args: list[str], cwd: Path, pythonpath: Path | None = None, log: Path | None = None
+        ) -> subprocess.CompletedProcess:
+    extra = dict(GIT_ENV)
+    if pythonpath is not None:  # first on sys.path; PYTHONSAFEPATH: not the cwd, whose sasgate/ lacks stages/
+        extra["PYTHONPATH"] = os.pathsep.join([str(pythonpath), *filter(None, [os.environ.get("PYTHONPATH")])])
+        extra["PYTHONSAFEPATH"] = "1"
+    res = subprocess.run(args, cwd=cwd, env=tool_env(**extra), capture_output=True, text=True)
     if log is not None:
         log.write_text(res.stdout + res.stderr, encoding="utf-8")
     return res
@@ -94,24 +98,46 @@ def prepare_project(original: Path, project: Path) -> list[dvcmeta.Stage]:
     return stages
 
 
-def installed_source_differences(original: Path) -> list[str]:
-    """Bundled source files (per pyproject's package-dir map) that the installed sasgate does not match."""
+def package_dirs(original: Path) -> dict[str, str]:
+    """The bundle's {package: folder} map from its pyproject.toml ({} when it carries no sasgate source)."""
     try:
         cfg = tomllib.loads((original / "pyproject.toml").read_text(encoding="utf-8"))
-        package_dirs = cfg["tool"]["setuptools"]["package-dir"]
-    except (OSError, KeyError, tomllib.TOMLDecodeError):
-        package_dirs = {"sasgate": "sasgate"}
-    diffs: list[str] = []
-    for package, folder in sorted(package_dirs.items()):
-        spec = importlib.util.find_spec(package)
-        installed = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations \
-            else None
-        for f in sorted((original / folder).rglob("*.py")):
-            rel = f.relative_to(original / folder)
-            there = installed / rel if installed else None
-            if there is None or not there.is_file() or sha256_file(there) != sha256_file(f):
-                diffs.append(f"{folder}/{rel.as_posix()}")
-    return diffs
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ArtifactError(f"pyproject.toml: unreadable ({exc})") from None
+    dirs = cfg.get("tool", {}).get("setuptools", {}).get("package-dir", {})
+    if "sasgate" not in dirs:
+        return {}
+    for package, folder in dirs.items():
+        if not (original / folder).is_dir() or ".." in Path(folder).parts or Path(folder).is_absolute():
+            raise ArtifactError(f"pyproject.toml: package {package} maps to {folder!r}, not a folder of the bundle")
+    return dict(sorted(dirs.items()))  # "sasgate" before "sasgate.stages": parents first
+
+
+def source_overlay(original: Path, dest: Path, project: Path) -> str:
+    """Lay the bundle's packages out under dest as installed; say which code the re-run will import.
+
+    Checked in a child python started as the stages are (in project, dest on PYTHONPATH): every
+    package must resolve inside dest, or the re-run would silently use installed code.
+    """
+    dirs = package_dirs(original)
+    if not dirs:
+        import sasgate
+
+        return f"the installed sasgate {sasgate.__version__} (the bundle carries no sasgate source)"
+    for package, folder in dirs.items():
+        shutil.copytree(original / folder, dest.joinpath(*package.split(".")), dirs_exist_ok=True)
+    probe = "import importlib.util as u, sys; print('\\n'.join(u.find_spec(p).submodule_search_locations[0] " \
+            "for p in sys.argv[1:]))"
+    res = _sh([sys.executable, "-c", probe, *dirs], project, pythonpath=dest)
+    found = res.stdout.split("\n")[: len(dirs)] if res.returncode == 0 else []
+    outside = [p for p, where in zip_longest(dirs, found)
+               if not where or not Path(where).resolve().is_relative_to(dest.resolve())]
+    if outside:
+        raise ArtifactError(f"cannot make the re-run import the bundle's source for {', '.join(outside)} "
+                            f"({res.stderr.strip()[-300:] or 'resolved elsewhere'})")
+    return f"the bundle's source ({', '.join(dirs)}) with the installed dependencies"
 
 
 def _artifacts(stages: list[dvcmeta.Stage], digests: dict[str, str]) -> list[str]:
@@ -187,14 +213,17 @@ def _equivalence(original: Path, project: Path, tol: dict[str, Any]) -> tuple[st
 
 def reproduce(verified: Verified, workdir: Path) -> Outcome:
     """Re-run the pipeline of a verified bundle extracted at workdir/bundle; compare (module docstring)."""
-    original, project = workdir / "bundle", workdir / "project"
+    workdir = workdir.resolve()
+    original, project, pythonpath = workdir / "bundle", workdir / "project", workdir / "pythonpath"
     project.mkdir()
+    pythonpath.mkdir()
     stages = prepare_project(original, project)
-    res = _sh([sys.executable, "-m", "dvc", "repro"], project, log=workdir / "dvc-repro.log")
+    code = source_overlay(original, pythonpath, project)
+    res = _sh([sys.executable, "-m", "dvc", "repro"], project, pythonpath=pythonpath, log=workdir / "dvc-repro.log")
     failure = None if res.returncode == 0 else \
         "dvc repro failed: " + " / ".join((res.stderr or res.stdout).strip().splitlines()[-5:])
     outcome = compare(verified, original, project, stages, failure)
-    outcome.source_differences = installed_source_differences(original)
+    outcome.code = code
     outcome.workdir = workdir
     return outcome
 

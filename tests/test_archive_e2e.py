@@ -1,7 +1,7 @@
 """End-to-end: export a real (small) pipeline run, verify it, tamper with it, re-run it.
 
-One small project (tests/projects.py SMALL, real git + `dvc repro`) is built per module and
-shared; one `--reproduce` re-run is shared by the tests that read it.
+The project is a private copy of the session's `reproduced_small` (tests/conftest.py: SMALL
+params, real git + one `dvc repro`); one `--reproduce` re-run is shared by the tests that read it.
 """
 
 from __future__ import annotations
@@ -12,20 +12,19 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from click.testing import CliRunner
 
-from projects import REPO, SMALL, dvc, make_project, sh
+from projects import REPO, copy_project, sh
 from sasgate.archive import bundle, dsse, keys
 from sasgate.archive.dvcmeta import read_pipeline
 from sasgate.archive.export import export
 from sasgate.archive.reproduce import compare
 from sasgate.archive.safe_extract import iter_members
 from sasgate.archive.verify import verify
+from sasgate.artifacts import iter_files
 from sasgate.cli import main
 from sasgate.errors import NotVerifiedError
 
@@ -33,15 +32,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    root = make_project(tmp_path_factory.mktemp("archive") / "proj", SMALL)
-    if "preregistration/lock.json" in (root / "dvc.yaml").read_text() and \
-            not (root / "preregistration" / "lock.json").exists():
-        sh([sys.executable, "-m", "sasgate.cli", "preregister", "--reason", "archive test project"], root)
-        sh(["git", "add", "-A"], root)
-        sh(["git", "commit", "-q", "-m", "preregister"], root)
-    dvc(root, "repro")
-    return root
+def built(reproduced_small, tmp_path_factory) -> Path:
+    """A copy of the shared reproduced project: the export-refusal tests change files in it (and restore them)."""
+    return copy_project(reproduced_small, tmp_path_factory.mktemp("archive") / "proj")
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +77,16 @@ def test_bundle_contents(members, built):
     tracked = sh(["git", "ls-files"], built).stdout.split()
     assert set(tracked) <= names  # the source, data, preregistration, configs
     for name in ("params.yaml", "dvc.yaml", "dvc.lock", "decision.json", "CLAIMS.md", "data/eval.lock",
-                 "preregistration/stop_rules.yaml", "gates/reconstruction.json", "manifests/decide.json",
-                 "metrics/reconstruction.json", "ro-crate-metadata.json", bundle.ENVIRONMENT, bundle.BUNDLE_INFO,
+                 "data/scorer_check.jsonl", "data/scorer_check.lock", "preregistration/stop_rules.yaml",
+                 "preregistration/lock.json", "ro-crate-metadata.json", bundle.ENVIRONMENT, bundle.BUNDLE_INFO,
                  bundle.ENVELOPE):
         assert name in names, name
     assert {f"gates/{g}.json" for g in ("behaviour", "stability", "reconstruction", "remediation")} <= names
+    small_outs = [o.path for s in read_pipeline(built) for o in s.outs if not o.cached]
+    assert any(p.startswith("plots/") for p in small_outs) and any(p.startswith("metrics/") for p in small_outs)
+    for out in small_outs:  # every gate record, manifest, metric, plot, decision.json, CLAIMS.md
+        on_disk = [f.relative_to(built).as_posix() for f in iter_files(built / out)]
+        assert on_disk and set(on_disk) <= names, out
     assert not any(n.startswith("artifacts/") and n.endswith(".safetensors") for n in names)  # listed, not included
     assert {"artifacts/collect/items.jsonl", "artifacts/model/config.json"} <= names  # records travel
     info = json.loads(members[bundle.BUNDLE_INFO])
@@ -206,10 +204,10 @@ def test_resigned_decision_or_gate_edits_do_not_follow(members, keypair, tmp_pat
     edited = {**members, "decision.json": (json.dumps(decision, sort_keys=True, indent=2) + "\n").encode()}
     assert reason(rebuild(edited, tmp_path / "d.tar.gz", key), keypair.public_path).startswith(
         "decision.json does not follow from the gate records: phase_movement_authorized")
-    gate = json.loads(members["gates/behaviour.json"])
+    gate = json.loads(members["gates/reconstruction.json"])
     gate["status"] = "fail" if gate["status"] == "pass" else "pass"
-    edited = {**members, "gates/behaviour.json": (json.dumps(gate, sort_keys=True, indent=2,
-                                                             ensure_ascii=False) + "\n").encode()}
+    edited = {**members, "gates/reconstruction.json": (json.dumps(gate, sort_keys=True, indent=2,
+                                                                  ensure_ascii=False) + "\n").encode()}
     assert reason(rebuild(edited, tmp_path / "g.tar.gz", key), keypair.public_path).startswith(
         "decision.json does not follow from the gate records")
 
@@ -332,5 +330,7 @@ def test_reproduce_reports_a_failed_rerun(reproduced, bundle_path, keypair, tmp_
     assert outcome.verdict == "not reproduced" and outcome.first_difference.startswith("artifacts/saes/")
 
 
-def test_dvc_yaml_in_bundle_matches_project(members, built):
-    assert yaml.safe_load(members["dvc.yaml"]) == yaml.safe_load((built / "dvc.yaml").read_text())
+def test_project_members_are_the_workspace_files(members, built):
+    for name, data in members.items():
+        if not bundle.reserved(name):
+            assert (built / name).read_bytes() == data, name
