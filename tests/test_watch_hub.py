@@ -214,3 +214,35 @@ def test_human_report_and_bad_decision(watcher, project):
                                        str(watcher.state)), cwd=project, env=watcher.env, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "missing.json" in bad.stderr
+
+
+def test_notify_url_gets_the_report_once_when_the_reopen_condition_is_newly_met(watcher):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    posts: list[dict] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):
+            posts.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    try:
+        res, _ = watcher.poll("three_of_four", "--notify-url", url)
+        assert res.returncode == 0 and posts == []
+        res, _ = watcher.poll("updated_in_place", "--notify-url", "http://127.0.0.1:9/down")  # delivery fails
+        assert res.returncode == 10 and "notification to http://127.0.0.1:9/down failed" in res.stderr
+        res, report = watcher.poll(None, "--notify-url", url)  # still met, not yet delivered: delivered now
+        assert res.returncode == 0 and len(posts) == 1 and report["reopen"]["notified"]
+        assert posts[0]["reopen"]["met"] and posts[0]["coverage"]["text"] == "4/4"
+        res, _ = watcher.poll(None, "--notify-url", url)
+        assert res.returncode == 0 and len(posts) == 1  # once
+    finally:
+        server.shutdown()
