@@ -10,7 +10,7 @@ A scenario (tests/hub_scenarios/*.json):
   {"page_size": 2,                         # listing page size (default 1000)
    "repos": [{"id": "org/name", "sha": "<40 hex>", "lastModified": "2026-01-01T00:00:00.000Z",
               "tags": [...], "library_name": "...",
-              "files": {"path": {"json": {...}} | {"text": "..."} | {"bytes": 1234}}}],
+              "files": {"path": {"json": {...}} | {"text": "..."} | {"bytes": 1234} | {"file": "/local/file"}}}],
    "faults": [{"kind": "list" | "tree" | "file" | "any", "page": 2, "repo": "org/name",
                "status": 500, "retry_after": 1, "truncate": true, "times": 1}]}
 `times` (default: always) bounds how often a fault fires; `truncate` cuts the JSON body in half.
@@ -46,6 +46,8 @@ def file_bytes(spec: dict[str, Any]) -> bytes:
         return json.dumps(spec["json"], sort_keys=True).encode()
     if "text" in spec:
         return spec["text"].encode()
+    if "file" in spec:
+        return Path(spec["file"]).read_bytes()
     return b"\0" * int(spec.get("bytes", 16))
 
 
