@@ -56,7 +56,8 @@ def source_files() -> list[str]:
 
 
 def make_project(dest: Path, overrides: dict | None = None, lock: bool = True) -> Path:
-    """Copy the project into dest, apply params overrides, re-lock the eval set, commit."""
+    """Copy the project into dest, apply params overrides, re-lock the eval set and re-preregister the
+    remediation protocol (lock=True), commit."""
     for rel in source_files():
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -70,8 +71,9 @@ def make_project(dest: Path, overrides: dict | None = None, lock: bool = True) -
     raw = yaml.safe_load((dest / "params.yaml").read_text())
     (dest / "params.yaml").write_text(yaml.safe_dump(merge(raw, overrides or {}), sort_keys=False))
     sh(["git", "init", "-q", "-b", "main"], dest)
-    if lock:
+    if lock:  # the eval set and the remediation protocol were locked on the default params: re-fix them
         sh([sys.executable, "-m", "sasgate.cli", "lock", "--reason", "test config"], dest)
+        sh([sys.executable, "-m", "sasgate.cli", "preregister", "--reason", "test config"], dest)
     sh(["git", "add", "-A"], dest)
     sh(["git", "commit", "-q", "-m", "test project"], dest)
     return dest

@@ -204,10 +204,10 @@ def test_rules_apply_in_their_preregistered_order():
 
 # --- end to end: the real `dvc repro` on the shared SMALL project, by params only ---------------------
 #
-# Every variant copies the session's `reproduced_small` (tests/conftest.py) and changes params only, so
-# `dvc repro` re-runs just the stages those params feed. The unlock is moved by the preregistered
-# threshold, so the failing variant preregisters its protocol before it runs (as a study would); the
-# passing one does not need remediation, and `sasgate status` names the moved threshold.
+# The session's `reproduced_small` (tests/conftest.py) is the failing case as it stands: its SAEs are
+# tiny (SMALL params), miss the preregistered 0.12 by far, and remediation finds nothing for the toy.
+# Every other variant copies it and changes params only, so `dvc repro` re-runs just the stages those
+# params feed.
 
 
 def repro(root: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -246,61 +246,49 @@ def variant(reproduced_small: Path, dest: Path, over: dict) -> tuple[Path, subpr
     return root, repro(root, check=False)
 
 
-GATE_STAGES = ["reconstruction", "remediation", "decide"]
-FAILING = {"reconstruction": {"threshold": 0.0}}  # nMSE <= 0: no trained SAE reconstructs exactly
 PASSING = {"reconstruction": {"threshold": 10.0}}  # far above any nMSE a trained SAE gives
 
 
-@pytest.fixture(scope="module")
-def failed(reproduced_small, tmp_path_factory):
-    """The shared SMALL project with the unlock failing by params, its protocol preregistered for that
-    threshold before remediation runs, reproduced."""
-    from projects import copy_project
-
-    root = copy_project(reproduced_small, tmp_path_factory.mktemp("failed") / "p")
-    set_params(root, FAILING)
-    res = cli(root, "preregister", "--reason", "the unlock threshold of this test")
-    assert res.returncode == 0, res.stderr
-    out = repro(root).stdout
-    assert stages_run(out) == GATE_STAGES, out
-    return root
-
-
 @pytest.mark.slow
-def test_failing_reconstruction_leads_through_k2_to_the_limitation_lock(failed):
-    assert json.loads((failed / "gates" / "reconstruction.json").read_text())["status"] == "fail"
-    assert decision_of(failed) == ("limitation_lock_for_current_phase", False, "conditional_hold")
-    rem = json.loads((failed / "gates" / "remediation.json").read_text())
+def test_failing_reconstruction_leads_through_k2_to_the_limitation_lock(reproduced_small, tmp_path):
+    root = reproduced_small  # read only
+    recon = json.loads((root / "gates" / "reconstruction.json").read_text())
+    assert recon["status"] == "fail" and recon["threshold"] == 0.12
+    assert all(t["status"] == "fail" for t in recon["per_tuple"])
+    assert decision_of(root) == ("limitation_lock_for_current_phase", False, "conditional_hold")
+    rem = json.loads((root / "gates" / "remediation.json").read_text())
     assert rem["status"] == "fail" and rem["details"]["stopped_by"]["id"] == "K2"
     assert rem["details"]["evaluated"] == []  # K2 stops before any evaluation
     cov = rem["details"]["coverage"]
     assert cov["A"]["text"] == "0/2" and cov["A"]["covered"] == 0  # the sae-lens registry has nothing for the toy
     assert cov["B"]["text"].startswith("unavailable: hub unreachable") and cov["B"]["covered"] is None
-    d = json.loads((failed / "decision.json").read_text())
+    d = json.loads((root / "decision.json").read_text())
     assert d["coverage"] == {"A": "0/2", "B": cov["B"]["text"]}
     assert [c["kind"] for c in d["reopen_conditions"]] == ["sae_coverage", "family_unavailable"]
     assert {t["layer"] for t in d["reopen_conditions"][0]["required_tuples"]} == {0, 1}
     assert {c["id"] for c in d["claims"]["disallowed"]} >= {"mechanism-sas-features", "causal-sas-features",
                                                             "phase-advance", "reconstruction-adequate"}
-    md = (failed / "CLAIMS.md").read_text()
+    md = (root / "CLAIMS.md").read_text()
     assert "## We cannot claim" in md and "stopped by: K2" in md and "candidate coverage: A = 0/2" in md
     # consistent, the overclaim guard passes the generated CLAIMS.md and catches a mechanism claim
-    res = cli(failed, "status")
+    res = cli(root, "status")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "decision: conditional_hold" in res.stdout and "all match" in res.stdout
-    assert cli(failed, "claims", "lint", "CLAIMS.md").returncode == 0
-    (failed / "post.md").write_text("Feature 3 encodes refusal.\n")
-    res = cli(failed, "claims", "lint", "post.md")
-    assert res.returncode == 1 and "post.md:1: overclaim [mechanism-sas-features]" in res.stdout
-    (failed / "post.md").unlink()
-    assert "Data and pipelines are up to date" in repro(failed).stdout
+    assert cli(root, "claims", "lint", "CLAIMS.md").returncode == 0
+    post = tmp_path / "post.md"
+    post.write_text("Feature 3 encodes refusal.\n")
+    res = cli(root, "claims", "lint", str(post))
+    assert res.returncode == 1 and f"{post}:1: overclaim [mechanism-sas-features]" in res.stdout
+    from projects import dvc
+
+    assert "Data and pipelines are up to date" in dvc(root, "status").stdout
 
 
 @pytest.mark.slow
 def test_passing_reconstruction_authorizes_mechanism_claims(reproduced_small, tmp_path):
     root, res = variant(reproduced_small, tmp_path / "p", PASSING)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert stages_run(res.stdout) == GATE_STAGES
+    assert stages_run(res.stdout) == ["reconstruction", "remediation", "decide"]
     assert decision_of(root) == ("mechanism_claims_authorized", True, "advance")
     rem = json.loads((root / "gates" / "remediation.json").read_text())
     assert rem["status"] == "not_needed" and rem["details"] is None
@@ -328,10 +316,10 @@ def test_failing_behaviour_gate_makes_the_behaviour_invalid(reproduced_small, tm
 
 
 @pytest.mark.slow
-def test_stop_rules_changed_after_preregistration_stop_dvc_repro_at_remediation(failed, tmp_path):
+def test_stop_rules_changed_after_preregistration_stop_dvc_repro_at_remediation(reproduced_small, tmp_path):
     from projects import copy_project
 
-    root = copy_project(failed, tmp_path / "p")
+    root = copy_project(reproduced_small, tmp_path / "p")
     edit_rules(root, lambda r: r["rules"][0]["parameters"].update(max_candidates=20))
     res = repro(root, check=False)
     assert res.returncode != 0
