@@ -202,6 +202,75 @@ def test_rules_apply_in_their_preregistered_order():
     assert run_search(rules_with(0, ("K2", "K1", "K3")), spec)[0].stopped_by.id == "K2"
 
 
+# --- family B, the Hub: searched when allowed, and "unavailable", never 0, when it cannot be read ---------
+
+
+def hub_project(root: Path, hub_access: bool) -> Path:
+    """A failed unlock on the toy's two tuples, preregistered; the remediation stage runs on it directly."""
+    from gate_records import reconstruction
+
+    from sasgate.gates import write_gate
+
+    raw = {**PARAMS, "remediation": {"hub_access": hub_access},
+           "watch": {"authors": ["google"], "tags": ["sae_lens"], "searches": [], "retries": 0, "backoff_s": 0.0,
+                     "timeout_s": 10.0}}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    paths = Paths.at(root)
+    preregister(parse_params(raw), paths, "before remediation")
+    write_gate(paths.gate("reconstruction"), reconstruction(0.3, 0.4))
+    return root
+
+
+def run_remediation(root: Path, env: dict[str, str]) -> dict:
+    res = subprocess.run([sys.executable, "-m", "sasgate.stages.remediation"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return json.loads((root / "gates" / "remediation.json").read_text())
+
+
+@pytest.mark.parametrize("scenario, b_text", [
+    ("no_saes", "0/2"),  # the Hub answered: nothing for toy-refusal is a real 0/2
+    ("truncated_json", "unavailable: hub unreachable (listing models (author=google): JSONDecodeError"),
+])
+def test_the_hub_family_is_searched_or_recorded_unavailable_never_a_silent_zero(root, tmp_path, scenario, b_text):
+    """(The default, `remediation.hub_access: false`, is the end-to-end test's "unavailable" below.)"""
+    from hubsim import HubSim, hub_env
+
+    hub_project(root, hub_access=True)
+    with HubSim(scenario) as sim:
+        rec = run_remediation(root, hub_env(sim.url, tmp_path / "hf_home"))
+        assert sim.counts["list"] > 0
+    b = rec["details"]["coverage"]["B"]
+    assert b["text"].startswith(b_text)
+    assert b["available"] is (b_text == "0/2") and (b["covered"] == 0 if b["available"] else b["covered"] is None)
+    assert rec["status"] == "fail" and rec["details"]["stopped_by"]["id"] == "K2"
+    assert rec["details"]["coverage"]["A"]["text"] == "0/2"
+    d = decide_records(root)
+    assert ("family_unavailable" in [c.kind for c in d.reopen_conditions]) is (not b["available"])
+    assert d.coverage["B"] == b["text"]
+
+
+def test_hf_hub_offline_keeps_the_hub_family_unavailable(root, tmp_path):
+    from hubsim import HubSim, hub_env
+
+    hub_project(root, hub_access=True)
+    with HubSim("no_saes") as sim:
+        rec = run_remediation(root, {**hub_env(sim.url, tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"})
+        assert sim.counts["list"] == 0
+    assert rec["details"]["coverage"]["B"]["text"] == "unavailable: hub unreachable (HF_HUB_OFFLINE is set)"
+
+
+def decide_records(root: Path):
+    """The decision on this project's remediation record, with the behaviour level passing."""
+    from sasgate.decision import decide
+    from sasgate.status import read_gates, required_tuples
+
+    from gate_records import behaviour, stability
+
+    gates = read_gates(Paths.at(root)) | {"behaviour": behaviour("pass"), "stability": stability("pass")}
+    return decide(gates, required_tuples(parse_params(yaml.safe_load((root / "params.yaml").read_text()))))
+
+
 # --- end to end: the real `dvc repro` on the shared SMALL project, by params only ---------------------
 #
 # The session's `reproduced_small` (tests/conftest.py) is the failing case as it stands: its SAEs are
