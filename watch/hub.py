@@ -65,6 +65,14 @@ def _client_errors() -> tuple[type[BaseException], ...]:
     return (HfHubHTTPError, LocalEntryNotFoundError, httpx2.HTTPError, json.JSONDecodeError, OSError)
 
 
+def _permanent() -> tuple[type[BaseException], ...]:
+    """Errors that say "this repo or file cannot be read" (gated, gone, force-pushed): a skip, not an outage."""
+    from huggingface_hub.errors import (GatedRepoError, RemoteEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    return (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError, RemoteEntryNotFoundError)
+
+
 def configure_client(settings: WatchParams) -> None:
     """A per-request timeout: the client's default has none, so a stalled mirror would hang cron forever."""
     from huggingface_hub.utils import _http
@@ -98,13 +106,11 @@ def list_repos(api: Any, settings: WatchParams) -> dict[str, Listed]:
 
 def _with_retries(settings: WatchParams, what: str, fn: Callable[[], T]) -> T:
     """Our bounded retries with backoff for calls the client does not retry (file downloads)."""
-    from huggingface_hub.errors import GatedRepoError, RemoteEntryNotFoundError, RepositoryNotFoundError
-
     for attempt in range(settings.retries + 1):
         try:
             return fn()
-        except (RepositoryNotFoundError, GatedRepoError, RemoteEntryNotFoundError):
-            raise  # permanent: the caller records a skip
+        except _permanent():
+            raise  # the caller records a skip
         except _client_errors() as exc:
             if attempt == settings.retries:
                 raise _unreachable(what, exc) from exc
@@ -122,11 +128,9 @@ class _RepoReader:
         self.files: list[str] = []
 
     def read(self) -> None:
-        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
         try:
             files = self._files()
-        except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as exc:
+        except _permanent() as exc:
             self.skipped.append(Skipped(where=self.repo, reason=f"not readable ({type(exc).__name__})"))
             return
         if files is None:
@@ -157,24 +161,21 @@ class _RepoReader:
                     self.skipped.append(Skipped(where=self.repo, reason=f"more than {len(files) - 1} files "
                                                 "(watch.max_files_per_repo): not read"))
                     return None
+        except _permanent():
+            raise
         except _client_errors() as exc:
-            from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
-            if isinstance(exc, (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError)):
-                raise
             raise _unreachable(what, exc) from exc
         return files
 
     def _json(self, path: str) -> dict[str, Any] | None:
         """A small config file at the listed sha (cached by commit: a re-read makes no request)."""
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import RemoteEntryNotFoundError
 
         try:
             local = _with_retries(self.settings, f"downloading {self.repo}/{path}",
                                   lambda: hf_hub_download(self.repo, path, revision=self.listed.sha))
-        except RemoteEntryNotFoundError:
-            self.skipped.append(Skipped(where=f"{self.repo}/{path}", reason="listed in the tree but not served"))
+        except _permanent() as exc:
+            self.skipped.append(Skipped(where=f"{self.repo}/{path}", reason=f"not served ({type(exc).__name__})"))
             return None
         try:
             with open(local, encoding="utf-8") as fh:
