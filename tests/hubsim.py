@@ -9,7 +9,7 @@ tree, head, file) so a test can check what a poll asked for.
 A scenario (tests/hub_scenarios/*.json):
   {"page_size": 2,                         # listing page size (default 1000)
    "repos": [{"id": "org/name", "sha": "<40 hex>", "lastModified": "2026-01-01T00:00:00.000Z",
-              "tags": [...], "library_name": "...",
+              "tags": [...], "library_name": "...", "gated": false,  # gated: 403 GatedRepo on tree/files
               "files": {"path": {"json": {...}} | {"text": "..."} | {"bytes": 1234} | {"file": "/local/file"}}}],
    "faults": [{"kind": "list" | "tree" | "file" | "any", "page": 2, "repo": "org/name",
                "status": 500, "retry_after": 1, "truncate": true, "times": 1}]}
@@ -212,8 +212,16 @@ def _handler(sim: HubSim) -> type[BaseHTTPRequestHandler]:
                         "lastModified": repo.get("lastModified"),
                         "siblings": [{"rfilename": p} for p in sorted(repo.get("files", {}))]})
 
+        def _gated(self, repo: dict[str, Any], head: bool = False) -> bool:
+            if repo.get("gated"):
+                self._send(403, b'{"error": "gated"}', {"Content-Type": "application/json",
+                                                         "X-Error-Code": "GatedRepo"}, head)
+            return bool(repo.get("gated"))
+
         def _tree(self, repo: dict[str, Any], rev: str, prefix: str, q: dict[str, list[str]]) -> None:
             sim.counts["tree"] += 1
+            if self._gated(repo):
+                return None
             fault = sim.fault("tree", repo=repo["id"])
             if fault and "status" in fault:
                 return self._error(fault)
@@ -232,6 +240,8 @@ def _handler(sim: HubSim) -> type[BaseHTTPRequestHandler]:
             repo = sim.repos.get(repo_id)
             if repo is None:
                 return self._not_found("RepoNotFound", head)
+            if self._gated(repo, head):
+                return None
             fault = sim.fault("file", repo=repo_id)
             if fault and "status" in fault:
                 return self._error(fault, head)

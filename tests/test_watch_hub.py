@@ -94,6 +94,7 @@ def test_no_saes_reports_zero_coverage_and_why_repos_were_skipped(watcher):
     skipped = "\n".join(report["coverage"]["skipped"])
     assert "canrager/unknown-layout-saes: no SAE layout sasgate reads" in skipped
     assert "google/gemma-2-2b: no SAE layout sasgate reads" in skipped
+    assert "google/gemma-2-2b-gated-saes: not readable (GatedRepoError)" in skipped  # a skip, not an outage
 
 
 def test_three_of_four_then_an_in_place_update_adds_the_last_tuple(watcher):
