@@ -250,6 +250,29 @@ def claims_lint(files: tuple[str, ...], decision_file: str | None, record: str |
         sys.exit(1)
 
 
+# --- plan (issue 7) --------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--tokens-per-prompt", type=click.IntRange(min=1),
+              help="assumed prompt length for eval sets not resolved offline (default 48; the toy's is exact)")
+@click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
+@fails_cleanly
+def plan(params_file: str, tokens_per_prompt: int | None, as_json: bool) -> None:
+    """Dry run: what each stage would load and compute, and the disk and memory it needs.
+
+    Nothing is downloaded (the Hugging Face Hub is forced offline) and nothing is written.
+    """
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"  # before params validation imports transformer-lens
+    from .plan import format_plan, plan as make_plan
+
+    report = make_plan(load_params(params_file), tokens_per_prompt)
+    click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else format_plan(report))
+
+
 # --- archive (issue 6) -----------------------------------------------------------------------
 from .archive.cli import archive as _archive  # noqa: E402  (after fails_cleanly, which it uses)
 

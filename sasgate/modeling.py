@@ -280,8 +280,10 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"corrupt model weights {path}: {exc}") from None
 
 
-def toy_model_from_dir(model_dir: str | Path, device: str = "cpu") -> ChatModel:
-    """Load `toy-refusal` from a folder holding model.safetensors, config.json and tokenizer.json."""
+def toy_model_from_dir(model_dir: str | Path, device: str = "cpu", dtype: str = "float32") -> ChatModel:
+    """Load `toy-refusal` from a folder holding model.safetensors, config.json and tokenizer.json.
+
+    The toy is trained in float32; `dtype` (bfloat16, float16) casts the weights as they load."""
     from .toy import grammar
     from .toy.tokenizer import load_tokenizer
 
@@ -293,7 +295,7 @@ def toy_model_from_dir(model_dir: str | Path, device: str = "cpu") -> ChatModel:
     state = _load_weights(model_dir / WEIGHTS_FILE)
     try:
         hooked_cfg = HookedTransformerConfig(
-            **cfg["hooked_transformer_config"], device=device, seed=None, init_weights=False
+            **cfg["hooked_transformer_config"], device=device, dtype=DTYPES[dtype], seed=None, init_weights=False
         )
     except Exception as exc:
         raise ArtifactError(f"corrupt model config {model_dir / CONFIG_FILE}: {exc}") from None
@@ -447,7 +449,7 @@ def load_chat_model(params: Params, paths: Paths) -> ChatModel:
     """The model of the current params: toy-refusal from artifacts/model, a Hub model by its pin."""
     device = params.runtime.device
     if params.model.name == TOY_MODEL:
-        cm = toy_model_from_dir(paths.model_dir, device=device)
+        cm = toy_model_from_dir(paths.model_dir, device=device, dtype=params.model.dtype)
         _check_toy_matches_params(cm, params, paths.model_dir)
         return cm
     _check_pin(params.model, paths.model_dir)

@@ -21,16 +21,19 @@ from .paths import Paths
 StageFn = Callable[[Params, Paths], Any]
 
 
-def run_stage(name: str, fn: StageFn, params_file: str = "params.yaml", root: str = ".") -> Any:
+def run_stage(name: str, fn: StageFn, params_file: str = "params.yaml", root: str = ".",
+              device: str | None = None) -> Any:
     paths = Paths.at(root)
-    params = load_params(paths.root / params_file)
     from .determinism import make_deterministic
+    from .device import compute_record, with_device
+
+    params = with_device(load_params(paths.root / params_file), device)
 
     make_deterministic(params.runtime.seed, params.runtime.threads, params.runtime.device)
     start = time.perf_counter()
     result = fn(params, paths)
     _log(paths, {"stage": name, "seconds": round(time.perf_counter() - start, 3), "host": platform.node(),
-                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **compute_record(params)})
     return result
 
 
@@ -46,9 +49,10 @@ def stage_main(name: str, fn: StageFn) -> None:
     @click.command(name=name, help=f"Run the `{name}` stage (what dvc.yaml calls).")
     @click.option("--params", "params_file", default="params.yaml", show_default=True, help="params file")
     @click.option("--root", default=".", show_default=True, help="project root (holds dvc.yaml)")
-    def cmd(params_file: str, root: str) -> None:
+    @click.option("--device", default=None, help="cpu, cuda or mps: overrides runtime.device (also $SASGATE_DEVICE)")
+    def cmd(params_file: str, root: str, device: str | None) -> None:
         try:
-            run_stage(name, fn, params_file, root)
+            run_stage(name, fn, params_file, root, device)
         except SasgateError as exc:
             click.echo(f"sasgate {name}: error: {exc}", err=True)
             sys.exit(exc.exit_code)

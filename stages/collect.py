@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from sasgate.activations import POST_INSTRUCTION_FILE, StreamingTensorWriter, save_post_instruction, write_token_index
 from sasgate.artifacts import atomic_dir, atomic_write_json, write_manifest
+from sasgate.device import compute_record
 from sasgate.evalset import EvalItem, check_lock, resolve_eval_set
 from sasgate.modeling import ChatModel, load_chat_model
 from sasgate.params import Params
@@ -41,30 +42,35 @@ def _token_rows(mask: torch.Tensor, first_prompt: int, n_post: int) -> dict[str,
             "is_bos": (position == 0).to(torch.uint8), "post_instruction": post.long()}
 
 
+def stream_capture(model, batches, writers: dict[str, StreamingTensorWriter], stop_at_layer: int) -> None:
+    """Run each (ids, mask) batch once, up to `stop_at_layer`, appending the non-pad rows of every
+    hooked activation to its writer: the one capture loop (the benchmarks time it against a bare
+    forward and sae-lens's activation cache)."""
+    current: list[torch.Tensor] = []
+
+    def save(act: torch.Tensor, hook) -> None:
+        writers[hook.name].write(act[current[0]])
+
+    hooks = [(name, save) for name in writers]
+    with torch.inference_mode():
+        for ids, mask in batches:
+            current[:] = [mask.bool().to(ids.device)]
+            model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=hooks, stop_at_layer=stop_at_layer)
+
+
 def capture_split(chat: ChatModel, items: list[EvalItem], tuples, out: Path, batch_size: int) -> int:
     """Stream the activations of every required tuple for one split; returns the token count."""
     texts = [it.text for it in items]
-    n_tokens = sum(int(chat.encode(batch)[1].sum()) for _, batch in _batches(texts, batch_size))
-    model = chat.model
-    writers = {t.hook_name: StreamingTensorWriter(out / f"{t.key}.safetensors", n_tokens, model.cfg.d_model)
+    encoded = [chat.encode(batch) for _, batch in _batches(texts, batch_size)]
+    n_tokens = sum(int(mask.sum()) for _, mask in encoded)
+    writers = {t.hook_name: StreamingTensorWriter(out / f"{t.key}.safetensors", n_tokens, chat.model.cfg.d_model)
                for t in tuples}
-    stop_at = max(t.layer for t in tuples) + 1
-    index_parts: list[dict[str, torch.Tensor]] = []
-    batch_mask: list[torch.Tensor] = []
-
-    def save(act: torch.Tensor, hook) -> None:
-        writers[hook.name].write(act[batch_mask[0]].float())
-
-    hooks = [(name, save) for name in writers]
-    for start, batch in tqdm(list(_batches(texts, batch_size)), desc=f"collect {out.name}", unit="batch",
-                             leave=False):
-        ids, mask = chat.encode(batch)
-        batch_mask[:] = [mask.bool().to(ids.device)]
-        with torch.inference_mode():
-            model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=hooks, stop_at_layer=stop_at)
-        index_parts.append(_token_rows(mask.cpu(), start, chat.n_post_instruction))
+    bar = tqdm(encoded, desc=f"collect {out.name}", unit="batch", leave=False)
+    stream_capture(chat.model, bar, writers, max(t.layer for t in tuples) + 1)
     for w in writers.values():
         w.close()
+    index_parts = [_token_rows(mask.cpu(), start, chat.n_post_instruction)
+                   for start, (_, mask) in zip(range(0, len(texts), batch_size), encoded)]
     write_token_index(out / "tokens.safetensors",
                       {k: torch.cat([p[k] for p in index_parts]) for k in index_parts[0]})
     return n_tokens
@@ -139,7 +145,8 @@ def run(params: Params, paths: Paths) -> dict:
         save_post_instruction(out / "selection" / POST_INSTRUCTION_FILE, capture_post_instruction(chat, selection, size))
         refusal = write_generations(chat, items, out / "generations.jsonl", size, params.collect.max_new_tokens)
     metrics = {"n_items": {s: sum(it.split == s for it in items) for s in SPLITS},
-               "n_tokens": tokens, "tuples": params.tuple_keys, "baseline_refusal_rate": refusal}
+               "n_tokens": tokens, "tuples": params.tuple_keys, "baseline_refusal_rate": refusal,
+               "compute": compute_record(params)}  # device and dtype the activations were computed with
     atomic_write_json(paths.metrics("collect"), metrics)
     write_manifest(paths.manifest("collect"), "collect", [paths.collect_dir, paths.metrics("collect")], paths.root)
     return metrics

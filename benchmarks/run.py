@@ -1,0 +1,112 @@
+"""`python -m benchmarks`: every benchmark of sasgate, each a ratio measured side by side in one run.
+
+Builds a default-architecture toy (a few training steps) and, for the no-op `dvc repro`, a
+reproduced default project (or reuses --project), then prints one table. Exit 1 when a target
+is missed. bench_watch.py and bench_verify.py (the watcher's and the archive's) run after it
+when present, unless --skip-peers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .common import REPO, TESTS, Result
+
+PEERS = {"bench_watch.py": [], "bench_verify.py": ["--gib", "0.25", "--repeats", "3"]}
+
+
+def machine() -> str:
+    import psutil
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {psutil.cpu_count()} logical CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
+            f"python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} torch threads")
+
+
+def default_project(work: Path, given: Path | None) -> Path:
+    """A reproduced project on params.yaml's defaults (built here unless given)."""
+    if given is not None:
+        return given.resolve()
+    sys.path.insert(0, str(TESTS))
+    from projects import dvc, make_project
+
+    dest = work / "default"
+    if not (dest / "dvc.lock").is_file():
+        shutil.rmtree(dest, ignore_errors=True)
+        make_project(dest)
+        t = time.perf_counter()
+        dvc(dest, "repro")
+        print(f"(built the default project: dvc repro {time.perf_counter() - t:.0f} s)", flush=True)
+    return dest
+
+
+def run_peers(project: Path | None) -> int:
+    failed = 0
+    for script, args in PEERS.items():
+        path = REPO / "benchmarks" / script
+        if not path.is_file():
+            print(f"\n{script}: not present, skipped")
+            continue
+        extra = ["--project", str(project)] if project is not None and script == "bench_verify.py" else []
+        print(f"\n--- {script} {' '.join(args + extra)}", flush=True)
+        failed |= subprocess.run([sys.executable, str(path), *args, *extra], cwd=REPO).returncode != 0
+    return failed
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5, help="alternating timed runs per contender (median)")
+    ap.add_argument("--workdir", type=Path, help="keep models, files and projects here (reused on a rerun)")
+    ap.add_argument("--project", type=Path, help="a reproduced default project for the no-op repro")
+    ap.add_argument("--memory-n", type=int, default=4096, help="N of the peak-RSS benchmark (4N also runs)")
+    ap.add_argument("--hash-mib", type=int, default=512, help="MiB of files hashed")
+    ap.add_argument("--skip-noop", action="store_true", help="no default project, no no-op repro")
+    ap.add_argument("--skip-peers", action="store_true", help="do not run bench_watch.py / bench_verify.py")
+    args = ap.parse_args(argv)
+
+    from . import bench_collect, bench_hash, bench_memory, bench_noop, bench_steer
+    from .common import build_toy
+
+    work = (args.workdir or Path(tempfile.mkdtemp(prefix="sasgate-bench-"))).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    print(f"machine: {machine()}", flush=True)
+    results: list[Result] = []
+    project = None
+    try:
+        params, paths, chat = build_toy(work)
+        steps = [
+            lambda: bench_collect.collect_vs_bare(params, paths, chat, work, args.repeats),
+            lambda: bench_collect.sae_lens_vs_collect(params, paths, chat, work, args.repeats, n_rows=1024),
+            lambda: bench_steer.batched_vs_single(params, paths, chat, max(1, args.repeats // 2), n_prompts=128),
+            lambda: bench_hash.manifest_vs_sha256sum(work, args.repeats, args.hash_mib),
+            lambda: bench_memory.peak_rss_ratio(work, args.memory_n),
+        ]
+        if not args.skip_noop:
+            project = default_project(work, args.project)
+            steps.append(lambda: bench_noop.noop_repro(project, work, args.repeats))
+        for step in steps:
+            results.append(step())
+            print(results[-1].line(), flush=True)
+        print(f"\n{'benchmark':<34} {'ratio':>8}  {'target':<10} ok\n" + "\n".join(r.line() for r in results))
+        print(f"total {time.perf_counter() - start:.0f} s", flush=True)
+        failed = run_peers(project) if not args.skip_peers else 0
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    sys.exit(1 if failed or any(r.ok is False for r in results) else 0)

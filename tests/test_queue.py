@@ -1,0 +1,58 @@
+"""Sweeps on DVC's own queue: a 2-point grid queued with `dvc exp run --queue -S`, run by
+`dvc queue start -j 2`, compared with `dvc exp show` (README, "Sweeps on DVC's queue")."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from projects import copy_project, dvc, sh
+
+GRID = ("features.top_k", (2, 6))
+DEADLINE_S = 1500
+
+
+def _experiments(root) -> list[dict]:
+    """`dvc exp show --json` flattened: one {name, params, metrics} per experiment of the baseline."""
+    shown = json.loads(dvc(root, "exp", "show", "--json").stdout)
+    out = []
+    for row in shown:
+        for exp in row.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                data = rev.get("data") or {}
+                out.append({"name": exp.get("name") or rev.get("name"), "status": data.get("status"),
+                            "params": data.get("params", {}).get("params.yaml", {}).get("data", {}),
+                            "metrics": {k: v.get("data", {}) for k, v in (data.get("metrics") or {}).items()}})
+    return out
+
+
+@pytest.mark.slow
+def test_two_point_grid_on_the_queue(reproduced_small, tmp_path):
+    root = copy_project(reproduced_small, tmp_path / "sweep")
+    sh(["git", "add", "-A"], root)  # the reproduced state is the sweep's baseline commit
+    sh(["git", "commit", "-q", "-m", "reproduced baseline"], root)
+    key, values = GRID
+    for v in values:
+        dvc(root, "exp", "run", "--queue", "-S", f"{key}={v}")
+    queued = dvc(root, "queue", "status").stdout
+    assert queued.count("Queued") == len(values), queued
+    dvc(root, "queue", "start", "-j", "2")
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        status = dvc(root, "queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        assert time.monotonic() < deadline, f"the queue did not finish in {DEADLINE_S} s:\n{status}"
+        time.sleep(5)
+    assert "Failed" not in status, status
+    dvc(root, "queue", "stop", check=False)
+
+    exps = [e for e in _experiments(root) if e["status"] == "Success"]
+    section, name = key.split(".")
+    got = sorted(e["params"][section][name] for e in exps)
+    assert got == sorted(values), exps
+    features = [e["metrics"].get("metrics/features.json") for e in exps]
+    assert all(features) and features[0] != features[1], "the grid points should give different SAS features"
+    table = dvc(root, "exp", "show", "--md").stdout
+    assert key in table
