@@ -1,4 +1,4 @@
-"""No-op `dvc repro` on a reproduced default project: wall time, and the share of it spent in
+"""No-op `dvc repro` on a reproduced project (README: the default params): wall time, and the share of it spent in
 sasgate's own code (sasgate/, stages/, watch/, archive/), from a cProfile of the same command.
 
 A no-op repro only hashes deps and outs against dvc.lock (mtime-cached in DVC's state db) and
@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import REPO, Result, med, runs
+from .common import REPO, Result, best, runs
 
 OWN = tuple(str(REPO / d) + "/" for d in ("sasgate", "stages", "watch", "archive"))
 
@@ -36,7 +36,7 @@ def own_share(profile: Path) -> tuple[float, float]:
     return own, stats.total_tt
 
 
-def noop_repro(project: Path, work: Path, repeats: int) -> Result:
+def noop_repro(project: Path, label: str, work: Path, repeats: int) -> Result:
     _repro(project)  # warm: DVC's state db knows every file's hash after this
     walls = [_repro(project) for _ in range(repeats)]
     prof = work / "noop.prof"
@@ -44,4 +44,5 @@ def noop_repro(project: Path, work: Path, repeats: int) -> Result:
     own, total = own_share(prof)
     share = own / total if total else 0.0
     return Result("no-op dvc repro: sasgate share", share, "-", None,
-                  f"wall {med(walls):.2f} s {runs(walls)}; sasgate code {own * 1e3:.1f} ms of {total:.2f} s profiled")
+                  f"{label}; wall {best(walls):.2f} s {runs(walls)}; sasgate code {own * 1e3:.1f} ms of "
+                  f"{total:.2f} s profiled")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -46,8 +45,9 @@ def default_raw(**sections: dict) -> dict:
     return merge(raw, copy.deepcopy(sections))
 
 
-def build_toy(work: Path):
-    """(params, paths, chat model) of a default-architecture toy trained for a few steps in `work`."""
+def build_toy(work: Path, threads: int):
+    """(params, paths, chat model) of a default-architecture toy trained for a few steps in `work`,
+    torch limited to `threads` intra-op threads."""
     from sasgate.determinism import make_deterministic
     from sasgate.modeling import load_chat_model
     from sasgate.params import parse_params
@@ -55,7 +55,7 @@ def build_toy(work: Path):
     from sasgate.stages import model as model_stage
 
     params = parse_params(default_raw(model={"toy": {"train_steps": BENCH_TRAIN_STEPS}}))
-    make_deterministic(params.runtime.seed, params.runtime.threads, params.runtime.device)
+    make_deterministic(params.runtime.seed, threads, params.runtime.device)
     paths = Paths.at(work / "toy")
     if not (paths.model_dir / "model.safetensors").is_file():
         paths.root.mkdir(parents=True, exist_ok=True)
@@ -78,8 +78,10 @@ def side_by_side(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str
     return times
 
 
-def med(xs: list[float]) -> float:
-    return statistics.median(xs)
+def best(xs: list[float]) -> float:
+    """The fastest run: what the code costs when the shared machine's other load left it alone
+    (timeit's rule; medians drift with that load)."""
+    return min(xs)
 
 
 def runs(xs: list[float]) -> str:

@@ -1,7 +1,7 @@
 """`python -m benchmarks`: every benchmark of sasgate, each a ratio measured side by side in one run.
 
 Builds a default-architecture toy (a few training steps) and, for the no-op `dvc repro`, a
-reproduced default project (or reuses --project), then prints one table. Exit 1 when a target
+reproduced project (--project, or one on SMALL params), then prints one table. Exit 1 when a target
 is missed. bench_watch.py and bench_verify.py (the watcher's and the archive's) run after it
 when present, unless --skip-peers.
 """
@@ -9,6 +9,7 @@ when present, unless --skip-peers.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shutil
 import subprocess
@@ -35,24 +36,26 @@ def machine() -> str:
     except OSError:
         pass
     return (f"{cpu}, {psutil.cpu_count()} logical CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
-            f"python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} torch threads")
+            f"python {platform.python_version()}, torch {torch.__version__}")
 
 
-def default_project(work: Path, given: Path | None) -> Path:
-    """A reproduced project on params.yaml's defaults (built here unless given)."""
+def reproduced_project(work: Path, given: Path | None) -> tuple[Path, str]:
+    """(a reproduced project, its label): --project as given (the README's figure: the default
+    params), else one on the tests' SMALL params built in the workdir (the same stages and files,
+    built in minutes rather than the default's tens of minutes on 2 shared cores)."""
     if given is not None:
-        return given.resolve()
+        return given.resolve(), "given project"
     sys.path.insert(0, str(TESTS))
-    from projects import dvc, make_project
+    from projects import SMALL, dvc, make_project
 
-    dest = work / "default"
+    dest = work / "small"
     if not (dest / "dvc.lock").is_file():
         shutil.rmtree(dest, ignore_errors=True)
-        make_project(dest)
+        make_project(dest, SMALL)
         t = time.perf_counter()
         dvc(dest, "repro")
-        print(f"(built the default project: dvc repro {time.perf_counter() - t:.0f} s)", flush=True)
-    return dest
+        print(f"(built a SMALL-params project for the no-op repro: {time.perf_counter() - t:.0f} s)", flush=True)
+    return dest, "SMALL params"
 
 
 def run_peers(project: Path | None) -> int:
@@ -70,36 +73,40 @@ def run_peers(project: Path | None) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5, help="alternating timed runs per contender (median)")
+    ap.add_argument("--repeats", type=int, default=5, help="alternating timed runs per contender (the fastest counts)")
     ap.add_argument("--workdir", type=Path, help="keep models, files and projects here (reused on a rerun)")
-    ap.add_argument("--project", type=Path, help="a reproduced default project for the no-op repro")
+    ap.add_argument("--project", type=Path,
+                    help="a reproduced project for the no-op repro (default: build one on SMALL params)")
     ap.add_argument("--memory-n", type=int, default=4096, help="N of the peak-RSS benchmark (4N also runs)")
     ap.add_argument("--hash-mib", type=int, default=512, help="MiB of files hashed")
-    ap.add_argument("--skip-noop", action="store_true", help="no default project, no no-op repro")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (1: on a shared, oversubscribed machine more threads wait on each other)")
+    ap.add_argument("--skip-noop", action="store_true", help="no reproduced project, no no-op repro")
     ap.add_argument("--skip-peers", action="store_true", help="do not run bench_watch.py / bench_verify.py")
     args = ap.parse_args(argv)
 
+    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of collect and sae-lens would drown the table
     from . import bench_collect, bench_hash, bench_memory, bench_noop, bench_steer
     from .common import build_toy
 
     work = (args.workdir or Path(tempfile.mkdtemp(prefix="sasgate-bench-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    print(f"machine: {machine()}", flush=True)
+    print(f"machine: {machine()}; benchmarks use {args.threads} torch thread(s)", flush=True)
     results: list[Result] = []
     project = None
     try:
-        params, paths, chat = build_toy(work)
+        params, paths, chat = build_toy(work, args.threads)
         steps = [
             lambda: bench_collect.collect_vs_bare(params, paths, chat, work, args.repeats),
             lambda: bench_collect.sae_lens_vs_collect(params, paths, chat, work, args.repeats, n_rows=1024),
             lambda: bench_steer.batched_vs_single(params, paths, chat, max(1, args.repeats // 2), n_prompts=128),
             lambda: bench_hash.manifest_vs_sha256sum(work, args.repeats, args.hash_mib),
-            lambda: bench_memory.peak_rss_ratio(work, args.memory_n),
+            lambda: bench_memory.peak_rss_ratio(work, args.memory_n, args.threads),
         ]
         if not args.skip_noop:
-            project = default_project(work, args.project)
-            steps.append(lambda: bench_noop.noop_repro(project, work, args.repeats))
+            project, label = reproduced_project(work, args.project)
+            steps.append(lambda: bench_noop.noop_repro(project, label, work, args.repeats))
         for step in steps:
             results.append(step())
             print(results[-1].line(), flush=True)

@@ -53,7 +53,7 @@ class StreamingTensorWriter:
         if self.rows_written + rows.shape[0] > self.n_rows:
             raise ValueError(f"{self.path.name}: more rows than the declared {self.n_rows}")
         data = rows.detach().to("cpu", self.dtype).contiguous()
-        self._fh.write(data.view(torch.uint8).numpy().tobytes())
+        self._fh.write(memoryview(data.view(torch.uint8).numpy()))  # no intermediate bytes copy
         self.rows_written += rows.shape[0]
 
     def close(self) -> None:
