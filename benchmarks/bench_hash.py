@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import Result, med, runs, side_by_side
+from .common import Result, best, runs, side_by_side
 
 FILE_MIB = 64
 
@@ -44,8 +44,8 @@ def manifest_vs_sha256sum(work: Path, repeats: int, total_mib: int) -> Result:
         subprocess.run(["sha256sum", *map(str, files)], check=True, stdout=subprocess.DEVNULL)
 
     t = side_by_side({"manifest": manifest_sha, "sha256sum": sha256sum}, repeats)
-    ratio = med(t["sha256sum"]) / med(t["manifest"])
+    ratio = best(t["sha256sum"]) / best(t["manifest"])
     mib = sum(f.stat().st_size for f in files) / 2**20
     return Result("manifest sha256 / sha256sum", ratio, ">= 0.9", ratio >= 0.9,
-                  f"{len(files)} files, {mib:.0f} MiB; manifest {mib / med(t['manifest']):.0f} MiB/s "
-                  f"{runs(t['manifest'])} s, sha256sum {mib / med(t['sha256sum']):.0f} MiB/s {runs(t['sha256sum'])} s")
+                  f"{len(files)} files, {mib:.0f} MiB; manifest {mib / best(t['manifest']):.0f} MiB/s "
+                  f"{runs(t['manifest'])} s, sha256sum {mib / best(t['sha256sum']):.0f} MiB/s {runs(t['sha256sum'])} s")

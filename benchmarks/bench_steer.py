@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import Result, med, runs, side_by_side
+from .common import Result, best, runs, side_by_side
 
 
 def batched_vs_single(params, paths, chat, repeats: int, n_prompts: int) -> Result:
@@ -32,7 +32,7 @@ def batched_vs_single(params, paths, chat, repeats: int, n_prompts: int) -> Resu
             chat.generate([text], seed=i, **kw)
 
     t = side_by_side({"batched": batched, "single": single}, repeats)
-    ratio = med(t["single"]) / med(t["batched"])
+    ratio = best(t["single"]) / best(t["batched"])
     return Result("steer one-at-a-time / batched", ratio, ">= 4", ratio >= 4.0,
                   f"{len(texts)} prompts, batch {sp.batch_size}, {sp.max_new_tokens} new tokens; "
                   f"batched {runs(t['batched'])} s, single {runs(t['single'])} s")
