@@ -106,13 +106,20 @@ def check_dvc_status(root: Path) -> None:
         for change in changes:
             if isinstance(change, dict):
                 for kind, files in sorted(change.items()):
-                    named = ", ".join(f"{p} ({s})" for p, s in sorted(files.items())) if isinstance(files, dict) \
-                        else str(files)
+                    named = ", ".join(f"{p} ({_what(s)})" for p, s in sorted(files.items())) \
+                        if isinstance(files, dict) else str(files)
                     problems.append(f"{stage}: {kind}: {named}")
             else:
                 problems.append(f"{stage}: {change}")
     raise WorkspaceMismatchError("the workspace does not match dvc.lock (stale or modified artifacts):\n  "
                                  + "\n  ".join(problems) + "\nrun `dvc repro` (or `dvc checkout`) and export again")
+
+
+def _what(change: object) -> str:
+    """`modified`, or for params `reconstruction.threshold modified, ...`."""
+    if isinstance(change, dict):
+        return ", ".join(f"{k} {v}" for k, v in sorted(change.items()))
+    return str(change)
 
 
 @dataclass(frozen=True)

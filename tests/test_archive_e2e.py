@@ -215,18 +215,23 @@ def test_resigned_decision_or_gate_edits_do_not_follow(members, keypair, tmp_pat
 # --- export refusals ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rel", ["gates/reconstruction.json", "artifacts/model/config.json"])
-def test_export_refuses_a_modified_artifact(built, keypair, tmp_path, rel):
+@pytest.mark.parametrize("rel, edit, named", [
+    ("gates/reconstruction.json", (b"}", b" }"), "gates/reconstruction.json (modified)"),
+    ("artifacts/model/config.json", (b"}", b" }"), "artifacts/model (modified)"),
+    ("params.yaml", (b"threshold: 0.12", b"threshold: 0.5"), "params.yaml (reconstruction modified)"),  # stale
+])
+def test_export_refuses_a_stale_or_modified_workspace(built, keypair, tmp_path, rel, edit, named):
     path = built / rel
     original = path.read_bytes()
+    assert edit[0] in original
     try:
-        path.write_bytes(original.replace(b"}", b" }", 1))
+        path.write_bytes(original.replace(*edit, 1))
         res = CliRunner().invoke(main, ["archive", "export", "--key", str(keypair.private_path), "--out",
                                         str(tmp_path / "b.tar.gz"), "--root", str(built)])
     finally:
         path.write_bytes(original)
     assert res.exit_code == 20, res.output
-    assert "does not match dvc.lock" in res.output and rel.split("/config")[0] in res.output
+    assert "does not match dvc.lock" in res.output and named in res.output
     assert not (tmp_path / "b.tar.gz").exists()
 
 
