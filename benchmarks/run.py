@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         params, paths, chat = build_toy(work, args.threads)
         steps = [
-            lambda: bench_collect.collect_vs_bare(params, paths, chat, work, args.repeats),
+            lambda: bench_collect.collect_vs_bare(params, paths, chat, work, 3 * args.repeats),  # 0.3 s a run
             lambda: bench_collect.sae_lens_vs_collect(params, paths, chat, work, args.repeats, n_rows=1024),
             lambda: bench_steer.batched_vs_single(params, paths, chat, max(1, args.repeats // 2), n_prompts=128),
             lambda: bench_hash.manifest_vs_sha256sum(work, args.repeats, args.hash_mib),

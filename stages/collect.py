@@ -46,16 +46,16 @@ def stream_capture(model, batches, writers: dict[str, StreamingTensorWriter], st
     """Run each (ids, mask) batch once, up to `stop_at_layer`, appending the non-pad rows of every
     hooked activation to its writer: the one capture loop (the benchmarks time it against a bare
     forward and sae-lens's activation cache)."""
-    current: list[torch.Tensor] = []
+    rows: list[torch.Tensor] = []  # flat indices of the batch's non-pad tokens, found once per batch
 
     def save(act: torch.Tensor, hook) -> None:
-        writers[hook.name].write(act[current[0]])
+        writers[hook.name].write(act.flatten(0, 1).index_select(0, rows[0]))
 
-    hooks = [(name, save) for name in writers]
-    with torch.inference_mode():
+    # hooks attached once for the whole loop: run_with_hooks would add and remove them every batch
+    with torch.inference_mode(), model.hooks(fwd_hooks=[(name, save) for name in writers]):
         for ids, mask in batches:
-            current[:] = [mask.bool().to(ids.device)]
-            model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=hooks, stop_at_layer=stop_at_layer)
+            rows[:] = [mask.bool().flatten().nonzero().squeeze(1).to(ids.device)]
+            model(ids, attention_mask=mask, stop_at_layer=stop_at_layer)
 
 
 def capture_split(chat: ChatModel, items: list[EvalItem], tuples, out: Path, batch_size: int) -> int:

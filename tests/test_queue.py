@@ -1,4 +1,4 @@
-"""Sweeps on DVC's own queue: a 2-point grid queued with `dvc exp run --queue -S`, run by
+"""Sweeps on DVC's own queue: a 2-point grid queued with one `dvc exp run --queue -S KEY=A,B`, run by
 `dvc queue start -j 2`, compared with `dvc exp show` (README, "Sweeps on DVC's queue")."""
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ def test_two_point_grid_on_the_queue(reproduced_small, tmp_path):
     sh(["git", "add", "-A"], root)  # the reproduced state is the sweep's baseline commit
     sh(["git", "commit", "-q", "-m", "reproduced baseline"], root)
     key, values = GRID
-    for v in values:
-        dvc(root, "exp", "run", "--queue", "-S", f"{key}={v}")
+    dvc(root, "exp", "run", "--queue", "-S", f"{key}={','.join(map(str, values))}")  # Hydra sweep syntax
     queued = dvc(root, "queue", "status").stdout
     assert queued.count("Queued") == len(values), queued
     dvc(root, "queue", "start", "-j", "2")
