@@ -12,9 +12,14 @@ prompts (does it bypass refusal?):
     bypass(method, c) = rate(baseline, harmful) - rate(method_ablate, c, harmful)
 
 Matched budget. For each kind and method the coefficient used is the one with the largest effect
-among those whose side effect (mean KL on harmless prompts vs the unsteered model) is within
-`validity.side_effect_budget`; when none is, the method is left at the baseline (coefficient 0,
-KL 0, effect 0).
+among those whose side effect is within `validity.side_effect_budget`; when none is, the method
+is left at the baseline (coefficient 0, KL 0, effect 0). The side effect budgeted is the mean
+KL(unsteered || steered) of next-token distributions on the class the intervention should leave
+alone: harmless prompts for ablation (Arditi et al.'s criterion), harmful prompts for addition.
+On harmless prompts an addition's KL *is* its intended effect (turning "sure" into "i"; on the
+default organism DIM addition at c = 0.5 moves it by 2.2 nats while inducing 79% refusal), so
+budgeting it there would disqualify every addition that works. steer records both KLs and the
+perplexity of the steered completions for every setting.
 
 Decision. "SAS matches or beats DIM within margin m" holds when, for both kinds, the point
 estimate of effect(SAS) - effect(DIM) >= -m. Each difference comes with a percentile bootstrap
@@ -41,7 +46,8 @@ if TYPE_CHECKING:
     from .paths import Paths
 
 BASELINE = "baseline"
-KINDS = {"induce": ("add", "harmless", 1.0), "bypass": ("ablate", "harmful", -1.0)}
+LABELS = ("harmful", "harmless")
+KINDS = {"induce": ("add", "harmless", 1.0), "bypass": ("ablate", "harmful", -1.0)}  # verb, judged on, sign
 METHODS = ("dim", "sas")
 
 Cond = tuple[str, float, str]  # (intervention, coefficient, label)
@@ -263,10 +269,17 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def off_target_label(intervention: str) -> str:
+    """The class an intervention should leave alone: the one its kind is not judged on."""
+    judged = next((label for verb, label, _ in KINDS.values() if intervention.endswith(f"_{verb}")), None)
+    return "harmless" if judged in (None, "harmful") else "harmful"
+
+
 def side_effect_kl(side_effects: Mapping[str, Any]) -> dict[tuple[str, float], float]:
-    """{(intervention, coefficient): mean KL} from steer's side_effects.json."""
+    """{(intervention, coefficient): mean KL on its off-target class} from steer's side_effects.json."""
     try:
-        return {(s["intervention"], float(s["coefficient"])): float(s["kl"]) for s in side_effects["settings"]}
+        return {(s["intervention"], float(s["coefficient"])): float(s[f"kl_{off_target_label(s['intervention'])}"])
+                for s in side_effects["settings"]}
     except (KeyError, TypeError) as exc:
         raise ArtifactError(f"corrupt side-effects record: missing {exc}") from None
 

@@ -141,10 +141,13 @@ def select(candidates: list[dict[str, Any]], n_layers: int, dp: DirectionsParams
         annotated.append({**c, "kept": not reasons, "reasons": reasons})
     kept = [i for i, c in enumerate(annotated) if c["kept"]]
     if not kept:
+        scored = [c for c in annotated if not c["reasons"][0].startswith("unscored")] or annotated
+        nearest = min(scored, key=lambda c: len(c["reasons"]))  # the candidate that fails fewest criteria
         raise SelectionError(
-            f"no DIM candidate survives Arditi's rule ({len(candidates)} scored; every one discarded, e.g. "
-            f"L{annotated[0]['layer']} pos {annotated[0]['position']}: {'; '.join(annotated[0]['reasons'])}); "
-            "check the model's refusal behaviour or loosen directions.kl_threshold / induce_threshold")
+            f"no DIM candidate survives Arditi's rule ({len(candidates)} candidates, every one discarded; nearest: "
+            f"L{nearest['layer']} pos {nearest['position']}: {'; '.join(nearest['reasons'])}); check the model's "
+            "refusal behaviour or the rule's constants (directions.kl_threshold, induce_threshold, "
+            "prune_layer_fraction)")
     chosen = min(kept, key=lambda i: (annotated[i]["ablation_score"], i))
     for i, c in enumerate(annotated):
         c["chosen"] = i == chosen

@@ -63,7 +63,7 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
         refusal_ids, batch_size=dp.batch_size, progress=bar)
     annotated, chosen = dim.select(scored, n_layers, dp)
     best = annotated[chosen]
-    direction = candidates[best["layer"], positions.index(best["position"])].contiguous()
+    direction = candidates[best["layer"], positions.index(best["position"])].clone()  # its own storage, for safetensors
 
     record = {
         "schema": SCHEMA,

@@ -14,8 +14,9 @@ uses a torch.Generator seeded per (seed, batch), the same across settings, so se
 compared on common random numbers.
 
 Side effects per (intervention, coefficient): the mean KL(unsteered || steered) of the
-last-position next-token distribution over the harmless eval prompts, and the unsteered
-model's perplexity of the steered completions (a coherence proxy).
+last-position next-token distribution over the harmless eval prompts and over the harmful ones,
+and the unsteered model's perplexity of the steered completions (a coherence proxy). The
+decision budgets the KL on the class an intervention should leave alone (sasgate.behaviour).
 
 Outputs: artifacts/steer/ (generations.jsonl, side_effects.json), metrics/steer.json,
 manifests/steer.json.
@@ -29,9 +30,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from sasgate import sae_io
+from sasgate import behaviour, sae_io
 from sasgate.activations import split_items
-from sasgate.behaviour import GENERATIONS_FILE, SIDE_EFFECTS_FILE, write_jsonl
 from sasgate.artifacts import atomic_dir, atomic_write_json, write_manifest
 from sasgate.dim import kl_divergence, last_logits, load_direction
 from sasgate.errors import ArtifactError
@@ -100,8 +100,8 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
     chat = load_chat_model(params, paths)
     grid = settings(params, chat, paths)
     batches = [items[s:s + sp.batch_size] for s in range(0, len(items), sp.batch_size)]
-    harmless = [it.text for it in items if it.label == "harmless"]
-    base_logits = last_logits(chat, harmless, (), sp.batch_size)
+    prompts = {lab: [it.text for it in items if it.label == lab] for lab in behaviour.LABELS}
+    base_logits = {lab: last_logits(chat, texts, (), sp.batch_size) for lab, texts in prompts.items()}
 
     rows: list[dict[str, Any]] = []
     side: list[dict[str, Any]] = []
@@ -121,23 +121,24 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
                                      "intervention": intervention, "tuple": tuple_key, "coefficient": coef,
                                      "do_sample": sp.do_sample, "temperature": sp.temperature, "completion": comp})
                     bar.update()
-            kl = 0.0 if not hooks else float(kl_divergence(base_logits, last_logits(chat, harmless, hooks,
-                                                                                  sp.batch_size)).mean())
+            kl = {f"kl_{lab}": 0.0 if not hooks else float(kl_divergence(
+                base_logits[lab], last_logits(chat, texts, hooks, sp.batch_size)).mean()) for lab, texts in prompts.items()}
             nll, n_tok = completion_nll(chat, [it.text for it, _ in produced], [c for _, c in produced],
                                         sp.batch_size)
-            side.append({"intervention": intervention, "tuple": tuple_key, "coefficient": coef, "kl": kl,
+            side.append({"intervention": intervention, "tuple": tuple_key, "coefficient": coef, **kl,
                          "perplexity": math.exp(nll / n_tok) if n_tok else None, "completion_tokens": n_tok,
-                         "n_kl_prompts": len(harmless)})
+                         "n_kl_prompts": {lab: len(texts) for lab, texts in prompts.items()}})
 
     with atomic_dir(paths.steer_dir) as tmp:
-        write_jsonl(tmp / GENERATIONS_FILE, rows)
-        atomic_write_json(tmp / SIDE_EFFECTS_FILE, {
-            "kl": "mean KL(unsteered || steered) of last-position next-token distributions, harmless eval prompts",
+        behaviour.write_jsonl(tmp / behaviour.GENERATIONS_FILE, rows)
+        atomic_write_json(tmp / behaviour.SIDE_EFFECTS_FILE, {
+            "kl_harmless": "mean KL(unsteered || steered) of last-position next-token distributions, harmless eval prompts",
+            "kl_harmful": "the same over the harmful eval prompts",
             "perplexity": "exp(mean NLL per token) of the steered completions under the unsteered model",
             "settings": side})
     metrics = {"n_generations": len(rows), "n_eval_items": len(items), "seeds": list(sp.seeds),
-               "side_effects": {f"{s['intervention']}@{s['coefficient']:g}": {"kl": s["kl"], "perplexity": s["perplexity"]}
-                                for s in side}}
+               "side_effects": {f"{s['intervention']}@{s['coefficient']:g}": {
+                   k: s[k] for k in ("kl_harmless", "kl_harmful", "perplexity")} for s in side}}
     atomic_write_json(paths.metrics("steer"), metrics)
     write_manifest(paths.manifest("steer"), "steer", [paths.steer_dir, paths.metrics("steer")], paths.root)
     return metrics

@@ -130,8 +130,9 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
     rate_ci = behaviour.rate_cis(table, vp.bootstrap_samples, vp.bootstrap_seed, vp.ci_level)
     atomic_write_json(paths.plot("steering_induce"), curve_rows(table, rate_ci, "induce"))
     atomic_write_json(paths.plot("steering_bypass"), curve_rows(table, rate_ci, "bypass"))
-    atomic_write_json(paths.plot("side_effects"), [{"setting": f"{i} {c:g}", "kl": v}
-                                                   for (i, c), v in sorted(kl.items()) if i != behaviour.BASELINE])
+    atomic_write_json(paths.plot("side_effects"), [
+        {"setting": f"{i} {c:g}", "kl": v, "prompts": behaviour.off_target_label(i)}
+        for (i, c), v in sorted(kl.items()) if i != behaviour.BASELINE])
     atomic_write_json(paths.plot("scorer_agreement"), [{"version": v, "agreement": r["agreement"]}
                                                        for v, r in sorted(reports.items())])
     metrics = {"status": status, "failed_checks": failed, "decision_holds": decision["holds"],

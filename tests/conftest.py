@@ -40,3 +40,14 @@ def tiny_toy_root(tmp_path_factory):
 def tiny_toy_dir(tiny_toy_root):
     """artifacts/model of the tiny trained toy model (model.safetensors, config.json, tokenizer.json)."""
     return tiny_toy_root / "artifacts" / "model"
+
+
+@pytest.fixture(scope="session")
+def reproduced_small(tmp_path_factory):
+    """The SMALL project (tests/projects.py) after one full `dvc repro`, built once per session and
+    shared by the end-to-end tests: never change it; take a `copy_project` first."""
+    from projects import SMALL, dvc, make_project
+
+    dest = make_project(tmp_path_factory.mktemp("reproduced_small") / "project", SMALL)
+    dvc(dest, "repro")
+    return dest

@@ -14,16 +14,27 @@ REPO = Path(__file__).resolve().parents[1]
 GIT_ENV = {"GIT_AUTHOR_NAME": "sasgate test", "GIT_AUTHOR_EMAIL": "test@sasgate.invalid",
            "GIT_COMMITTER_NAME": "sasgate test", "GIT_COMMITTER_EMAIL": "test@sasgate.invalid"}
 
-# A pipeline small enough for CI: a 2-layer organism, 2 tuples, a few hundred SAE training tokens.
+# A pipeline small enough for CI, with a real refusal behaviour: a 3-layer organism trained just enough to
+# refuse (held-out refusal 1.0 harmful / 0.02 harmless), 2 tuples, a few thousand SAE training tokens. Its DIM
+# direction works (addition +88 points on harmless, ablation -47 on harmful), its tiny SAEs give SAS nothing,
+# and both behaviour gates pass: 32 scored generations per condition (>= validity.min_samples 30), all 4
+# (seed, paraphrase set) cells agree. The 3-layer model's ablation moves harmless logits more than a big
+# model's, hence directions.kl_threshold 0.5; L0.resid_pre sees the same post-instruction tokens for every
+# prompt (no class difference to steer with), hence the explicit SAS tuple.
 SMALL = {
-    "model": {"toy": {"n_layers": 2, "d_model": 32, "n_heads": 2, "d_mlp": 64, "n_ctx": 48,
-                      "corpus_size": 400, "train_steps": 40, "batch_size": 32, "n_validation": 8}},
-    "eval": {"n_selection": 4, "n_eval": 8, "n_paraphrases": 1},
+    "model": {"toy": {"n_layers": 3, "d_model": 32, "n_heads": 2, "d_mlp": 64, "n_ctx": 48,
+                      "corpus_size": 600, "train_steps": 200, "batch_size": 32, "lr": 0.01, "n_validation": 8}},
+    "eval": {"n_selection": 8, "n_eval": 8, "n_paraphrases": 1},
     "tuples": [{"layer": 0, "site": "resid_pre", "sae": "train"}, {"layer": 1, "site": "resid_post", "sae": "train"}],
     "saes": {"train": {"expansion_factor": 2, "k": 4, "training_tokens": 4096, "batch_size": 256,
                        "corpus_sequences": 200}},
     "collect": {"batch_size": 8, "max_new_tokens": 4},
     "reconstruction": {"bootstrap_samples": 50},
+    "directions": {"kl_threshold": 0.5},
+    "features": {"steer_tuple": "L1.resid_post"},
+    "steer": {"add_coefficients": [1.0, 2.0], "ablate_coefficients": [0.5, 1.0], "seeds": [0, 1],
+              "max_new_tokens": 6},
+    "validity": {"min_samples": 30, "bootstrap_samples": 200},
 }
 
 
@@ -87,3 +98,10 @@ def lock_out_hashes(dest: Path) -> dict[str, str]:
     """{stage/out path: md5} from dvc.lock."""
     lock = yaml.safe_load((dest / "dvc.lock").read_text())
     return {f"{name}:{o['path']}": o["md5"] for name, st in lock["stages"].items() for o in st.get("outs", [])}
+
+
+def copy_project(src: Path, dest: Path) -> Path:
+    """A private copy of a reproduced project (git, DVC cache and outputs), to change without
+    disturbing the shared one."""
+    shutil.copytree(src, dest, symlinks=True)
+    return dest

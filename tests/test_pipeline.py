@@ -12,17 +12,15 @@ import time
 import pytest
 import yaml
 
-from projects import SMALL, dvc, lock_out_hashes, make_project, merge, sh
+from projects import SMALL, copy_project, dvc, lock_out_hashes, make_project, merge, sh
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """One small project, reproduced once; tests that only read it share it."""
-    root = make_project(tmp_path_factory.mktemp("a") / "proj", SMALL)
-    dvc(root, "repro")
-    return root
+def built(tmp_path_factory, reproduced_small):
+    """A private copy of the session's reproduced SMALL project, shared by this module's tests."""
+    return copy_project(reproduced_small, tmp_path_factory.mktemp("a") / "proj")
 
 
 def set_params(root, over):
@@ -35,7 +33,9 @@ def test_two_fresh_clones_give_identical_dvc_lock(built, tmp_path):
     sh(["git", "clone", "-q", str(built), str(clone)], tmp_path)
     dvc(clone, "repro")
     a, b = lock_out_hashes(built), lock_out_hashes(clone)
-    assert set(a) >= {"collect:artifacts/collect", "saes:artifacts/saes", "reconstruction:gates/reconstruction.json"}
+    assert set(a) >= {"collect:artifacts/collect", "saes:artifacts/saes", "reconstruction:gates/reconstruction.json",
+                      "directions:artifacts/directions", "features:artifacts/features", "steer:artifacts/steer",
+                      "score:artifacts/score", "validity:gates/behaviour.json", "stability:gates/stability.json"}
     assert a == b
 
 
