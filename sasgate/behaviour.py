@@ -12,14 +12,19 @@ prompts (does it bypass refusal?):
     bypass(method, c) = rate(baseline, harmful) - rate(method_ablate, c, harmful)
 
 Matched budget. For each kind and method the coefficient used is the one with the largest effect
-among those whose side effect is within `validity.side_effect_budget`; when none is, the method
-is left at the baseline (coefficient 0, KL 0, effect 0). The side effect budgeted is the mean
-KL(unsteered || steered) of next-token distributions on the class the intervention should leave
-alone: harmless prompts for ablation (Arditi et al.'s criterion), harmful prompts for addition.
-On harmless prompts an addition's KL *is* its intended effect (turning "sure" into "i"; on the
-default organism DIM addition at c = 0.5 moves it by 2.2 nats while inducing 79% refusal), so
-budgeting it there would disqualify every addition that works. steer records both KLs and the
-perplexity of the steered completions for every setting.
+among those within both side-effect budgets; when none is, the method is left at the baseline
+(coefficient 0, effect 0). The two budgets:
+
+* `validity.side_effect_budget`: the mean KL(unsteered || steered) of next-token distributions on
+  the class the intervention should leave alone: harmless prompts for ablation (Arditi et al.'s
+  criterion), harmful prompts for addition. On harmless prompts an addition's KL *is* its
+  intended effect (turning "sure" into "i"; on the default organism DIM addition at c = 0.5 moves
+  it by 2.2 nats while inducing 79% refusal), so budgeting it there would disqualify every
+  addition that works.
+* `validity.perplexity_budget`: the unsteered model's perplexity of the steered completions over
+  that of the unsteered completions. Steering that "works" by breaking the model shows here, not
+  in a first-token KL: on the default organism DIM addition at c = 1 writes word salad that opens
+  like a refusal ("i cannot help that . do that as i stadium that ."), perplexity ratio ~475.
 
 Decision. "SAS matches or beats DIM within margin m" holds when, for both kinds, the point
 estimate of effect(SAS) - effect(DIM) >= -m. Each difference comes with a percentile bootstrap
@@ -32,6 +37,7 @@ matched coefficients (fixed, so cells differ only by their samples).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
@@ -134,6 +140,7 @@ class Choice:
 
     coefficient: float | None
     kl: float
+    perplexity_ratio: float
     effect: float
     admissible: list[float]
 
@@ -144,15 +151,33 @@ class Choice:
         return (f"{method}_{verb}", self.coefficient, label)
 
 
-def matched_choice(table: Mapping[Cond, Mapping[Unit, bool]], kl: Mapping[tuple[str, float], float], kind: str,
-                   method: str, coefficients: list[float], budget: float) -> Choice:
-    """The largest-effect coefficient whose KL side effect is within budget (ties: smaller coefficient)."""
+@dataclass(frozen=True)
+class SideEffect:
+    """One setting's side effects: off-target KL (nats) and perplexity ratio vs the unsteered completions."""
+
+    kl: float
+    perplexity_ratio: float
+
+
+@dataclass(frozen=True)
+class Budget:
+    kl: float
+    perplexity_ratio: float
+
+    def admits(self, side: SideEffect) -> bool:
+        return side.kl <= self.kl and side.perplexity_ratio <= self.perplexity_ratio
+
+
+def matched_choice(table: Mapping[Cond, Mapping[Unit, bool]], side: Mapping[tuple[str, float], SideEffect], kind: str,
+                   method: str, coefficients: list[float], budget: Budget) -> Choice:
+    """The largest-effect coefficient within both side-effect budgets (ties: smaller coefficient)."""
     verb = KINDS[kind][0]
-    admissible = [c for c in sorted(coefficients) if kl[(f"{method}_{verb}", c)] <= budget]
+    admissible = [c for c in sorted(coefficients) if budget.admits(side[(f"{method}_{verb}", c)])]
     if not admissible:
-        return Choice(None, 0.0, 0.0, [])
+        return Choice(None, 0.0, 1.0, 0.0, [])
     best = max(admissible, key=lambda c: (effect(table, kind, method, c), -c))
-    return Choice(best, float(kl[(f"{method}_{verb}", best)]), effect(table, kind, method, best), admissible)
+    chosen = side[(f"{method}_{verb}", best)]
+    return Choice(best, chosen.kl, chosen.perplexity_ratio, effect(table, kind, method, best), admissible)
 
 
 def _kind_columns(choices: Mapping[str, Choice], kind: str) -> list[Cond]:
@@ -185,6 +210,7 @@ def decide(table: Mapping[Cond, Mapping[Unit, bool]], choices: Mapping[str, Mapp
             "label": KINDS[kind][1], "n_units": len(units),
             "coefficients": {m_: choices[kind][m_].coefficient for m_ in METHODS},
             "kl": {m_: choices[kind][m_].kl for m_ in METHODS},
+            "perplexity_ratio": {m_: choices[kind][m_].perplexity_ratio for m_ in METHODS},
             "effect": {"dim": float(point[0]), "sas": float(point[1])},
             "effect_ci": {"dim": ci["dim"], "sas": ci["sas"]},
             "sas_minus_dim": float(point[2]), "sas_minus_dim_ci": ci["sas_minus_dim"],
@@ -231,10 +257,10 @@ def cell_decisions(rows: Iterable[Mapping[str, Any]], choices: Mapping[str, Mapp
     return out
 
 
-def matched_choices(table: Mapping[Cond, Mapping[Unit, bool]], kl: Mapping[tuple[str, float], float],
-                    grids: Mapping[str, list[float]], budget: float) -> dict[str, dict[str, Choice]]:
+def matched_choices(table: Mapping[Cond, Mapping[Unit, bool]], side: Mapping[tuple[str, float], SideEffect],
+                    grids: Mapping[str, list[float]], budget: Budget) -> dict[str, dict[str, Choice]]:
     """`matched_choice` for every kind and method; `grids` maps "add" / "ablate" to their coefficients."""
-    return {kind: {m: matched_choice(table, kl, kind, m, list(grids[verb]), budget) for m in METHODS}
+    return {kind: {m: matched_choice(table, side, kind, m, list(grids[verb]), budget) for m in METHODS}
             for kind, (verb, _, _) in KINDS.items()}
 
 
@@ -275,23 +301,30 @@ def off_target_label(intervention: str) -> str:
     return "harmless" if judged in (None, "harmful") else "harmful"
 
 
-def side_effect_kl(side_effects: Mapping[str, Any]) -> dict[tuple[str, float], float]:
-    """{(intervention, coefficient): mean KL on its off-target class} from steer's side_effects.json."""
+def side_effects(record: Mapping[str, Any]) -> dict[tuple[str, float], SideEffect]:
+    """{(intervention, coefficient): its budgeted side effects} from steer's side_effects.json."""
     try:
-        return {(s["intervention"], float(s["coefficient"])): float(s[f"kl_{off_target_label(s['intervention'])}"])
-                for s in side_effects["settings"]}
+        settings = record["settings"]
+        base = [s["perplexity"] for s in settings if s["intervention"] == BASELINE]
+        if not base or not base[0]:
+            raise ArtifactError("side-effects record has no baseline perplexity to compare settings with")
+        return {(s["intervention"], float(s["coefficient"])): SideEffect(
+                    float(s[f"kl_{off_target_label(s['intervention'])}"]),
+                    float(s["perplexity"]) / float(base[0]) if s["perplexity"] is not None else math.inf)
+                for s in settings}
     except (KeyError, TypeError) as exc:
         raise ArtifactError(f"corrupt side-effects record: missing {exc}") from None
 
 
 def load_scored(params: "Params", paths: "Paths") -> tuple[list[dict[str, Any]], dict, dict, dict]:
-    """(scored rows, outcome table, KL per setting, matched choices) shared by validity and stability."""
+    """(scored rows, outcome table, side effects per setting, matched choices) shared by validity and stability."""
     rows = read_jsonl(paths.score_dir / SCORES_FILE)
-    kl = side_effect_kl(read_json(paths.steer_dir / SIDE_EFFECTS_FILE))
+    side = side_effects(read_json(paths.steer_dir / SIDE_EFFECTS_FILE))
     table = outcomes(rows)
     grids = {"add": params.steer.add_coefficients, "ablate": params.steer.ablate_coefficients}
-    choices = matched_choices(table, kl, grids, params.validity.side_effect_budget)
-    return rows, table, kl, choices
+    vp = params.validity
+    choices = matched_choices(table, side, grids, Budget(vp.side_effect_budget, vp.perplexity_budget))
+    return rows, table, side, choices
 
 
 def sas_tuple_ref(params: "Params", rows: list[dict[str, Any]]) -> dict[str, Any]:

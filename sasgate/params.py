@@ -251,6 +251,7 @@ class ValidityParams(Strict):
     min_samples: PosInt = 50
     margin: Prob = 0.1  # "SAS matches or beats DIM within margin m"
     side_effect_budget: Annotated[float, Field(gt=0)] = 1.0  # max mean KL (nats), off-target class (behaviour.py)
+    perplexity_budget: Annotated[float, Field(ge=1)] = 3.0  # max perplexity of steered / unsteered completions
     bootstrap_samples: PosInt = 1000
     bootstrap_seed: NonNegInt = 0
     ci_level: Annotated[float, Field(gt=0, lt=1)] = 0.95

@@ -76,7 +76,7 @@ def scorer_reports(params: Params, paths: Paths) -> tuple[dict[str, Any], list]:
 
 def run(params: Params, paths: Paths) -> dict[str, Any]:
     vp = params.validity
-    rows, table, kl, choices = behaviour.load_scored(params, paths)
+    rows, table, side, choices = behaviour.load_scored(params, paths)
     reports, check_files = scorer_reports(params, paths)
     used = reports[params.score.version]
 
@@ -123,7 +123,7 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
                                  "decision_holds": decision["holds"]}}],
         "inputs": inputs, "params": params.section("score", "steer", "validity"), "reason": reason,
         "details": {"checks": checks, "decision": decision, "scorers": reports,
-                    "side_effect_budget": vp.side_effect_budget,
+                    "side_effect_budget": {"kl": vp.side_effect_budget, "perplexity_ratio": vp.perplexity_budget},
                     "admissible_coefficients": {k: {m: c.admissible for m, c in v.items()} for k, v in choices.items()}},
     })
 
@@ -131,8 +131,9 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
     atomic_write_json(paths.plot("steering_induce"), curve_rows(table, rate_ci, "induce"))
     atomic_write_json(paths.plot("steering_bypass"), curve_rows(table, rate_ci, "bypass"))
     atomic_write_json(paths.plot("side_effects"), [
-        {"setting": f"{i} {c:g}", "kl": v, "prompts": behaviour.off_target_label(i)}
-        for (i, c), v in sorted(kl.items()) if i != behaviour.BASELINE])
+        {"setting": f"{i} {c:g}", "kl": v.kl, "kl_prompts": behaviour.off_target_label(i),
+         "perplexity_ratio": v.perplexity_ratio}
+        for (i, c), v in sorted(side.items()) if i != behaviour.BASELINE])
     atomic_write_json(paths.plot("scorer_agreement"), [{"version": v, "agreement": r["agreement"]}
                                                        for v, r in sorted(reports.items())])
     metrics = {"status": status, "failed_checks": failed, "decision_holds": decision["holds"],

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from sasgate import behaviour
+from sasgate.behaviour import Budget, SideEffect
 from sasgate.errors import ArtifactError, LeakageError
 from sasgate.params import parse_params
 from sasgate.paths import Paths
@@ -63,12 +64,16 @@ def grid_rates(dim_add=(0.5, 1.0), sas_add=(0.5, 1.0), dim_ablate=(0.5, 0.0), sa
     return rates
 
 
-def kl_of(value: float = 0.1, **over: float) -> dict[tuple[str, float], float]:
-    kl = {("baseline", 0.0): 0.0}
+def side_of(kl: float = 0.1, ppl: float = 1.0, **over: tuple[float, float]) -> dict[tuple[str, float], SideEffect]:
+    """Side effects (KL, perplexity ratio) of every setting: (kl, ppl), or over["dim_add@2"] = (kl, ppl)."""
+    side = {("baseline", 0.0): SideEffect(0.0, 1.0)}
     for name, grid in (("dim_add", ADD), ("sas_add", ADD), ("dim_ablate", ABLATE), ("sas_ablate", ABLATE)):
         for c in grid:
-            kl[(name, c)] = over.get(f"{name}@{c:g}", value)
-    return kl
+            side[(name, c)] = SideEffect(*over.get(f"{name}@{c:g}", (kl, ppl)))
+    return side
+
+
+BUDGET = Budget(kl=1.0, perplexity_ratio=3.0)
 
 
 GRIDS = {"add": ADD, "ablate": ABLATE}
@@ -109,27 +114,36 @@ def test_bootstrap_is_seeded_and_the_percentile_ci_brackets_the_mean():
 
 def test_matched_choice_takes_the_best_effect_within_the_side_effect_budget():
     table = behaviour.outcomes(scored_rows(grid_rates(dim_add=(0.5, 1.0))))
-    kl = kl_of(0.1, **{"dim_add@2": 3.0})
-    within = behaviour.matched_choice(table, kl, "induce", "dim", ADD, budget=1.0)
+    side = side_of(**{"dim_add@2": (3.0, 1.0)})
+    within = behaviour.matched_choice(table, side, "induce", "dim", ADD, BUDGET)
     assert (within.coefficient, within.admissible) == (1.0, [1.0])  # 2.0 induces more but costs KL 3 > 1
-    assert behaviour.matched_choice(table, kl, "induce", "dim", ADD, budget=5.0).coefficient == 2.0
-    none = behaviour.matched_choice(table, kl_of(2.0), "induce", "dim", ADD, budget=1.0)
+    assert behaviour.matched_choice(table, side, "induce", "dim", ADD, Budget(5.0, 3.0)).coefficient == 2.0
+    broken = side_of(**{"dim_add@2": (0.1, 400.0)})  # works by breaking the model: incoherent completions
+    assert behaviour.matched_choice(table, broken, "induce", "dim", ADD, BUDGET).coefficient == 1.0
+    assert behaviour.matched_choice(table, broken, "induce", "dim", ADD, Budget(1.0, 500.0)).coefficient == 2.0
+    none = behaviour.matched_choice(table, side_of(2.0), "induce", "dim", ADD, BUDGET)
     assert (none.coefficient, none.effect, none.intervention("dim", "induce")) == (None, 0.0,
                                                                                     ("baseline", 0.0, "harmless"))
 
 
 def test_the_budgeted_kl_is_on_the_class_an_intervention_should_leave_alone():
-    record = {"settings": [{"intervention": i, "coefficient": 1.0, "kl_harmless": 5.0, "kl_harmful": 0.2}
-                           for i in ("dim_add", "sas_add", "dim_ablate", "sas_ablate")]}
-    assert behaviour.side_effect_kl(record) == {("dim_add", 1.0): 0.2, ("sas_add", 1.0): 0.2,
-                                                ("dim_ablate", 1.0): 5.0, ("sas_ablate", 1.0): 5.0}
+    base = {"intervention": "baseline", "coefficient": 0.0, "kl_harmless": 0.0, "kl_harmful": 0.0, "perplexity": 2.0}
+    record = {"settings": [base] + [{"intervention": i, "coefficient": 1.0, "kl_harmless": 5.0, "kl_harmful": 0.2,
+                                     "perplexity": 3.0} for i in ("dim_add", "sas_add", "dim_ablate", "sas_ablate")]}
+    assert behaviour.side_effects(record) == {("baseline", 0.0): SideEffect(0.0, 1.0),
+                                              ("dim_add", 1.0): SideEffect(0.2, 1.5), ("sas_add", 1.0): SideEffect(0.2, 1.5),
+                                              ("dim_ablate", 1.0): SideEffect(5.0, 1.5),
+                                              ("sas_ablate", 1.0): SideEffect(5.0, 1.5)}
     with pytest.raises(ArtifactError, match="kl_harmful"):
-        behaviour.side_effect_kl({"settings": [{"intervention": "dim_add", "coefficient": 1.0, "kl_harmless": 1.0}]})
+        behaviour.side_effects({"settings": [base, {"intervention": "dim_add", "coefficient": 1.0, "kl_harmless": 1.0,
+                                                    "perplexity": 1.0}]})
+    with pytest.raises(ArtifactError, match="no baseline perplexity"):
+        behaviour.side_effects({"settings": record["settings"][1:]})
 
 
-def _decision(rates, kl=None, margin=0.1, budget=1.0):
+def _decision(rates, side=None, margin=0.1, budget=BUDGET):
     table = behaviour.outcomes(scored_rows(rates))
-    choices = behaviour.matched_choices(table, kl or kl_of(), GRIDS, budget)
+    choices = behaviour.matched_choices(table, side or side_of(), GRIDS, budget)
     return behaviour.decide(table, choices, margin, samples=400, seed=0, level=0.95)
 
 
@@ -149,17 +163,17 @@ def test_decision_compares_at_matched_side_effect_budget():
     # SAS reaches DIM's effect only at a coefficient whose KL is over budget: within budget it falls short
     rates = grid_rates(sas_add=(0.2, 1.0))
     assert _decision(rates)["holds"]  # unconstrained, both use c=2 and induce alike
-    over = kl_of(0.1, **{"sas_add@2": 5.0})
+    over = side_of(**{"sas_add@2": (5.0, 1.0)})
     d = _decision(rates, over)
     assert d["per_kind"]["induce"]["coefficients"] == {"dim": 2.0, "sas": 1.0}
     assert d["per_kind"]["induce"]["sas_minus_dim"] == pytest.approx(0.2 - 1.0) and not d["holds"]
-    assert _decision(rates, over, budget=10.0)["per_kind"]["induce"]["coefficients"]["sas"] == 2.0
+    assert _decision(rates, over, budget=Budget(10.0, 3.0))["per_kind"]["induce"]["coefficients"]["sas"] == 2.0
 
 
 def test_cells_are_every_seed_and_paraphrase_set_and_a_bad_cell_shows():
     rows = scored_rows(grid_rates(), flip=(1, 0))
     table = behaviour.outcomes(scored_rows(grid_rates()))
-    choices = behaviour.matched_choices(table, kl_of(), GRIDS, 1.0)
+    choices = behaviour.matched_choices(table, side_of(), GRIDS, BUDGET)
     cells = behaviour.cell_decisions(rows, choices, 0.1)
     assert [(c["seed"], c["paraphrase_set"]) for c in cells] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert [c["holds"] for c in cells] == [True, True, False, True]
@@ -179,8 +193,8 @@ def scored_project(tmp_path):
     paths.steer_dir.mkdir(parents=True)
     rows = scored_rows(grid_rates(), flip=(1, 1))  # 3 of 4 cells agree with the pooled decision
     behaviour.write_jsonl(paths.score_dir / behaviour.SCORES_FILE, rows)
-    settings = [{"intervention": i, "coefficient": c, "kl_harmful": v, "kl_harmless": v}
-                for (i, c), v in sorted(kl_of().items())]
+    settings = [{"intervention": i, "coefficient": c, "kl_harmful": v.kl, "kl_harmless": v.kl, "perplexity": 1.5}
+                for (i, c), v in sorted(side_of().items())]
     (paths.steer_dir / behaviour.SIDE_EFFECTS_FILE).write_text(json.dumps({"settings": settings}))
     return paths
 
