@@ -286,6 +286,7 @@ def test_reproduce_on_the_same_machine_is_bit_exact(reproduced):
     report = json.loads(res.output)
     assert report["verified"] and report["reproduce"]["verdict"] == "bit-exact", report["reproduce"]
     assert report["reproduce"]["n_artifacts"] > 20 and report["reproduce"]["differing"] == []
+    assert report["reproduce"]["code"].startswith("the bundle's source (sasgate, sasgate.archive, sasgate.stages")
     assert (work / "project" / ".git").is_dir() and (work / "project" / "artifacts" / "model").is_dir()
 
 
