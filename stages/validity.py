@@ -41,22 +41,18 @@ def compared_conditions(table: dict) -> list[behaviour.Cond]:
 
 
 def curve_rows(table: dict, cis: dict, kind: str) -> list[dict[str, Any]]:
-    """Rows for one steering-curve plot: x = coefficient (0 = baseline), rate and CI bounds per method."""
+    """Rows for one steering-curve plot (template .dvc/plots/ci_band.json): one per method and coefficient
+    (0 = the unsteered baseline), with the refusal rate and its bootstrap CI bounds."""
     verb, label, _ = behaviour.KINDS[kind]
     base = (behaviour.BASELINE, 0.0, label)
-    coefs = sorted({c[1] for c in table if c[0] == f"dim_{verb}" and c[2] == label}
-                   | {c[1] for c in table if c[0] == f"sas_{verb}" and c[2] == label})
     rates = {c: k / n for c, (k, n) in behaviour.rates(table).items()}
     out = []
-    for coef in [0.0, *coefs]:
-        row: dict[str, Any] = {"coefficient": coef}
-        for m in behaviour.METHODS:
+    for m in behaviour.METHODS:
+        coefs = sorted(c[1] for c in table if c[0] == f"{m}_{verb}" and c[2] == label)
+        for coef in [0.0, *coefs]:
             cond = base if coef == 0.0 else (f"{m}_{verb}", coef, label)
-            name = f"{m}_{verb}"
-            if cond in rates:
-                row[name] = rates[cond]
-                row[f"{name}_lo"], row[f"{name}_hi"] = cis[cond]
-        out.append(row)
+            lo, hi = cis[cond]
+            out.append({"method": m.upper(), "coefficient": coef, "rate": rates[cond], "lo": lo, "hi": hi})
     return out
 
 

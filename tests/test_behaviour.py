@@ -218,9 +218,10 @@ def test_validity_gate_passes_then_fails_on_v1_and_on_too_few_samples(scored_pro
     rec = read_gate(paths.gate("behaviour"), "behaviour")
     assert rec.reason.startswith("decision-valid") and rec.details["decision"]["holds"]
     assert rec.details["scorers"]["v2"]["agreement"] >= 0.95 > rec.details["scorers"]["v1"]["agreement"]
-    induce = json.loads(paths.plot("steering_induce").read_text())
-    assert [r["coefficient"] for r in induce] == [0.0, *ADD] and induce[0]["dim_add"] == induce[0]["sas_add"] == 0.0
-    assert all(r["dim_add_lo"] <= r["dim_add"] <= r["dim_add_hi"] for r in induce)
+    induce = json.loads(paths.plot("steering_induce").read_text())  # coefficient 0: the unsteered baseline
+    assert [(r["method"], r["coefficient"], r["rate"]) for r in induce] == [
+        ("DIM", 0.0, 0.0), ("DIM", 1.0, 0.5), ("DIM", 2.0, 1.0), ("SAS", 0.0, 0.0), ("SAS", 1.0, 0.5), ("SAS", 2.0, 0.75)]
+    assert all(r["lo"] <= r["rate"] <= r["hi"] for r in induce) and induce[1]["lo"] < 0.5 < induce[1]["hi"]
 
     failed = validity.run(_gate_params(score={"version": "v1"}), paths)
     assert (failed["status"], failed["failed_checks"]) == ("fail", ["scorer_agreement"])

@@ -84,6 +84,7 @@ def test_plots_show_writes_one_page_with_every_behaviour_plot(reproduced_small, 
     for title in ("Induce: refusal rate on harmless eval prompts", "Bypass: refusal rate on harmful eval prompts",
                   "Stability grid", "Scorer agreement with the labelled check set", "Side effects"):
         assert title in page, title
+    assert '"type": "errorband"' in page  # the CI bands of .dvc/plots/ci_band.json
     induce = read(reproduced_small, "plots/steering_induce.json")
-    assert [r["coefficient"] for r in induce] == [0.0, 1.0, 2.0]
-    assert all(r[f"{m}_add_lo"] <= r[f"{m}_add"] <= r[f"{m}_add_hi"] for r in induce for m in ("dim", "sas"))
+    assert [(r["method"], r["coefficient"]) for r in induce] == [(m, c) for m in ("DIM", "SAS") for c in (0.0, 1.0, 2.0)]
+    assert all(r["lo"] <= r["rate"] <= r["hi"] for r in induce)
