@@ -21,7 +21,7 @@ def _experiments(root) -> list[dict]:
         for exp in row.get("experiments") or []:
             for rev in exp.get("revs", []):
                 data = rev.get("data") or {}
-                out.append({"name": exp.get("name") or rev.get("name"), "status": data.get("status"),
+                out.append({"name": exp.get("name") or rev.get("name"),
                             "params": data.get("params", {}).get("params.yaml", {}).get("data", {}),
                             "metrics": {k: v.get("data", {}) for k, v in (data.get("metrics") or {}).items()}})
     return out
@@ -44,10 +44,10 @@ def test_two_point_grid_on_the_queue(reproduced_small, tmp_path):
             break
         assert time.monotonic() < deadline, f"the queue did not finish in {DEADLINE_S} s:\n{status}"
         time.sleep(5)
-    assert "Failed" not in status, status
+    assert status.count("Success") == len(values), status
     dvc(root, "queue", "stop", check=False)
 
-    exps = [e for e in _experiments(root) if e["status"] == "Success"]
+    exps = _experiments(root)
     section, name = key.split(".")
     got = sorted(e["params"][section][name] for e in exps)
     assert got == sorted(values), exps
