@@ -30,6 +30,11 @@ class Paths:
         return self.root / "data"
 
     @property
+    def scorer_versions(self) -> Path:
+        """The scorer version files `score` runs: the project's own, which dvc.yaml tracks as a dep."""
+        return self.root / "sasgate" / "scorer_versions"
+
+    @property
     def eval_lock(self) -> Path:
         return self.data / "eval.lock"
 

@@ -13,6 +13,7 @@ the coefficient grid), manifests/score.json.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sasgate import behaviour
@@ -22,13 +23,13 @@ from sasgate.params import Params
 from sasgate.paths import Paths
 from sasgate.stage_runner import stage_main
 
-def checked_scorer(version: str) -> Any:
+def checked_scorer(version: str, versions_dir: Path) -> Any:
     """The scorer `version`, after checking that no released version's code changed."""
     from sasgate.scorers import RELEASED, load_scorer
 
     for v in sorted(RELEASED):
-        load_scorer(v)  # ScorerTamperedError when a released file no longer matches its hash
-    return load_scorer(version)
+        load_scorer(v, versions_dir)  # ScorerTamperedError when a released file no longer matches its hash
+    return load_scorer(version, versions_dir)
 
 
 def rate_rows(table: dict) -> list[dict[str, Any]]:
@@ -53,7 +54,7 @@ def acceptance(table: dict) -> dict[str, Any]:
 
 
 def run(params: Params, paths: Paths) -> dict[str, Any]:
-    scorer = checked_scorer(params.score.version)
+    scorer = checked_scorer(params.score.version, paths.scorer_versions)
     rows = behaviour.read_jsonl(paths.steer_dir / behaviour.GENERATIONS_FILE)
     scored = [{**r, "refusal": bool(scorer.score(r["completion"])), "scorer_version": scorer.version,
                "scorer_sha256": scorer.sha256} for r in rows]

@@ -63,7 +63,7 @@ def scorer_reports(params: Params, paths: Paths) -> tuple[dict[str, Any], list]:
     items = load_check_set(paths)
     reports = {}
     for v in sorted(set(RELEASED) | {params.score.version}):
-        rep = agreement(load_scorer(v), items)
+        rep = agreement(load_scorer(v, paths.scorer_versions), items)
         reports[v] = {"version": rep.version, "sha256": rep.sha256, "n": rep.n, "agreement": rep.agreement,
                       "per_kind": rep.per_kind, "confusion": rep.confusion, "n_disagreements": len(rep.disagreements)}
     files = sorted(p for p in paths.data.glob("scorer_check*") if p.is_file())

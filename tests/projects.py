@@ -42,6 +42,9 @@ def env() -> dict[str, str]:
     e = dict(os.environ, **GIT_ENV)
     e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e['PATH']}"  # `python` in dvc.yaml = this venv
     e["DVC_NO_ANALYTICS"] = "1"
+    # Run the checkout under test, never a mix: without this, `python -m` in a project copy imports
+    # `sasgate` from the copy but `sasgate.stages` (mapped by the editable install) from the checkout.
+    e["PYTHONSAFEPATH"] = "1"
     return e
 
 

@@ -189,6 +189,7 @@ def scored_project(tmp_path):
     for name in ("scorer_check.jsonl", "scorer_check.lock"):
         (tmp_path / "data").mkdir(exist_ok=True)
         shutil.copy2(REPO / "data" / name, tmp_path / "data" / name)
+    shutil.copytree(REPO / "sasgate" / "scorer_versions", paths.scorer_versions)
     paths.score_dir.mkdir(parents=True)
     paths.steer_dir.mkdir(parents=True)
     rows = scored_rows(grid_rates(), flip=(1, 1))  # 3 of 4 cells agree with the pooled decision

@@ -196,15 +196,14 @@ def test_unknown_or_malformed_versions(versions_copy):
         S.load_scorer("v4", versions_dir=versions_copy)
 
 
-def test_score_stage_refuses_when_v1_was_edited(versions_copy, monkeypatch):
+def test_score_stage_refuses_when_v1_was_edited(versions_copy):
     """The `score` stage checks every released version, so an edit to v1 stops it even while v2 scores."""
     from sasgate.stages.score import checked_scorer
 
     v1 = versions_copy / "v1.py"
     v1.write_text(v1.read_text(encoding="utf-8").replace('"I cannot",', '"I cannot", "I won\'t",'), encoding="utf-8")
-    monkeypatch.setattr(S, "VERSIONS_DIR", versions_copy)
     with pytest.raises(ScorerTamperedError, match=r"scorer v1: .*v1\.py was released with sha256"):
-        checked_scorer("v2")
+        checked_scorer("v2", versions_copy)
 
 
 # --- the check set and its lock -----------------------------------------------------------------
