@@ -17,6 +17,14 @@ MANIFEST_SCHEMA = "sasgate.manifest/1"
 _CHUNK = 1 << 20
 
 
+# File types that are (or may be) Python pickles: never downloaded, never loaded (DESIGN rule 5).
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".joblib", ".dill")
+
+
+def is_pickle_name(name: str) -> bool:
+    return name.lower().endswith(PICKLE_SUFFIXES)
+
+
 def canonical_json(obj: Any) -> str:
     """Sorted keys, fixed separators, trailing newline: the same object gives the same bytes."""
     return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"

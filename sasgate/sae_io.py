@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
-from .artifacts import atomic_write_json, canonical_json, read_json, sha256_file
+from .artifacts import atomic_write_json, canonical_json, is_pickle_name, read_json, sha256_file
 from .errors import ArtifactError, ParamsError
 from .params import TOY_MODEL, Params, SaeTrainParams, TupleParams
 from .paths import Paths
@@ -46,8 +46,6 @@ SAE_CFG = "cfg.json"
 SAE_WEIGHTS = "sae_weights.safetensors"
 SOURCE_FILE = "source.json"
 SOURCE_SCHEMA = "sasgate.sae_source/1"
-# File types that are (or may be) Python pickles: never downloaded, never loaded (DESIGN rule 5).
-PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".joblib", ".dill")
 ACTIVATION_BATCH = 64  # sequences per forward pass when collecting training activations
 CORPUS_DATASET = "sasgate:toy-refusal/train-pairs"
 # Training recipe constants (not params: changing them changes what `train` means; see sae-lens docs).
@@ -55,10 +53,6 @@ LR_DECAY_FRACTION = 0.2  # linear decay to 0 over the last 20% of steps (sae-len
 DEAD_WINDOW_FRACTION = 0.25  # a latent that fired in none of the last 25% of steps counts as dead
 NORM_ESTIMATE_BATCHES = 8  # batches used by sae-lens to estimate the activation norm scaling factor
 EVAL_BATCH = 4096  # tokens per SAE forward when measuring a trained SAE
-
-
-def is_pickle_name(name: str) -> bool:
-    return name.lower().endswith(PICKLE_SUFFIXES)
 
 
 def _quiet_sae_lens() -> None:

@@ -48,12 +48,13 @@ HUB_UNREACHABLE = "unavailable: hub unreachable"
 
 @dataclass(frozen=True)
 class Candidate:
-    """A candidate SAE for one required tuple; `spec` is a params.tuples[].sae string that loads it."""
+    """A candidate SAE for one required tuple; `spec` is a params.tuples[].sae string that loads it,
+    or None when the release offers no pinned, loadable form (then it is recorded, not evaluated)."""
 
     family: str
     tuple_key: str
     id: str
-    spec: str
+    spec: str | None
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,7 @@ def enumerate_family(fam_id: str, fam: RemediationFamilyParams, params: Params, 
 # --- evaluation -------------------------------------------------------------------------------
 
 
-class _Evaluator:
+class Evaluator:
     """nMSE of a candidate SAE on the eval split, exactly as the reconstruction gate measures it.
     The eval activations are read on the first evaluation (a search stopped by K2 reads none)."""
 
@@ -164,6 +165,9 @@ class _Evaluator:
 
     def __call__(self, cand: Candidate) -> Evaluation:
         rp, base = self.params.reconstruction, self.tuples[cand.tuple_key]
+        if cand.spec is None:
+            return Evaluation("error", error=f"{cand.id}: no loadable form (needs a pinned commit and the "
+                                             "sae-lens disk layout); not evaluated")
         tp = TupleParams(layer=base.layer, site=base.site, sae=cand.spec)
         try:
             sae, _origin = sae_io.fetch_for_tuple(self.params, self.paths, tp, device=self.params.runtime.device)
@@ -259,7 +263,7 @@ def _remediate(params: Params, paths: Paths, recon: GateRecord, rules: StopRules
     failing = [tp.key for tp in params.tuples if (tp.layer, tp.site) in failing_refs]
     results = {f: enumerate_family(f, params.remediation.families[f], params, paths) for f in declared}
     candidates = [c for f in declared for k in failing for c in results[f].candidates.get(k, [])]  # failing only
-    found = search(rules, failing, candidates, _Evaluator(params, paths))
+    found = search(rules, failing, candidates, Evaluator(params, paths))
     coverage = _coverage_json(results, [tp.key for tp in params.tuples])
     stopped, budget = found.stopped_by, rules.rule("budget")
     return {

@@ -15,7 +15,7 @@ from sasgate.errors import PreregistrationError
 from sasgate.params import parse_params
 from sasgate.paths import Paths
 from sasgate.preregistration import StopRules, load_stop_rules, preregister, verify
-from sasgate.stages.remediation import Candidate, Evaluation, search
+from sasgate.stages.remediation import Candidate, Evaluation, Evaluator, search
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = {"tuples": [{"layer": 0, "site": "resid_pre", "sae": "train"},
@@ -172,6 +172,12 @@ def run_search(rules: StopRules, spec: dict[str, list[float]], keys=("t1", "t2")
         return Evaluation("pass" if nmse[c] <= 0.12 else "fail", nmse[c], (nmse[c], nmse[c]))
 
     return search(rules, list(keys), candidates, evaluate_one), seen
+
+
+def test_a_candidate_without_a_loadable_form_is_recorded_not_evaluated(root):
+    """Offline registry entries and npz/sparsify Hub releases have no spec: an error row, never a crash."""
+    ev = Evaluator(params(), Paths.at(root))(Candidate("A", "L1.resid_post", "gemma-scope/layer_1", None))
+    assert ev.status == "error" and "not evaluated" in ev.error
 
 
 def test_k2_stops_before_any_evaluation_when_a_tuple_has_no_candidate():

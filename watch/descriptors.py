@@ -13,19 +13,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from sasgate.artifacts import is_pickle_name  # noqa: F401  (re-exported for the enumerators)
+
 _HOOK = re.compile(r"^blocks\.(\d+)\.(?:hook_(resid_pre|resid_mid|resid_post|mlp_out|attn_out)|attn\.(hook_z))$")
 _INSTRUCT = re.compile(r"[-_](it|instruct|chat)$")
 _BASE = re.compile(r"[-_](pt|base)$")
 _SHA40 = re.compile(r"^[0-9a-f]{40}$")
-# File types that are (or may be) Python pickles: never downloaded, never loaded (DESIGN rule 5).
-PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".joblib", ".dill")
 
 Source = Literal["registry", "hub", "local"]
 Variant = Literal["base", "instruction-tuned"]
-
-
-def is_pickle_name(name: str) -> bool:
-    return name.lower().endswith(PICKLE_SUFFIXES)
 
 
 def parse_hook(hook: str) -> tuple[int | None, str | None]:

@@ -17,10 +17,10 @@ from sasgate.paths import Paths
 
 
 def evaluate(report: dict[str, Any], params: Params, paths: Paths) -> dict[str, Any]:
-    from sasgate.stages.remediation import Candidate, _Evaluator  # the gate's own measure, not a copy
+    from sasgate.stages.remediation import Candidate, Evaluator  # the gate's own measure, not a copy
 
     keys = {t.key for t in params.tuples}
-    run = _Evaluator(params, paths)
+    run = Evaluator(params, paths)
     per_tuple: dict[str, Any] = {}
     for t in report["coverage"]["per_tuple"]:
         fresh = set(report["reopen"]["fresh_covering"][t["key"]])
