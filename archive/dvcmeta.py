@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from sasgate.artifacts import read_yaml
 from sasgate.errors import ArtifactError
 
 _OUT_KINDS = ("outs", "metrics", "plots")
@@ -37,12 +36,7 @@ class Stage:
 
 
 def _load(path: Path) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ArtifactError(f"missing {path.name}: run `dvc repro` first") from None
-    except yaml.YAMLError as exc:
-        raise ArtifactError(f"{path.name}: not valid YAML: {exc}") from None
+    raw = read_yaml(path, ArtifactError, f"missing {path.name}: run `dvc repro` first")
     if not isinstance(raw, dict) or not isinstance(raw.get("stages"), dict):
         raise ArtifactError(f"{path.name}: no `stages` mapping")
     return raw

@@ -11,7 +11,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import ArtifactError
+import yaml
+
+from .errors import ArtifactError, SasgateError
 
 MANIFEST_SCHEMA = "sasgate.manifest/1"
 _CHUNK = 1 << 20
@@ -157,3 +159,13 @@ def verify_manifest(manifest_path: Path, root: Path) -> list[str]:
         if not f.is_file() or f.stat().st_size != entry["size"] or sha256_file(f) != entry["sha256"]:
             bad.append(rel)
     return bad
+
+
+def read_yaml(path: str | os.PathLike, error: type[SasgateError], missing: str) -> Any:
+    """A YAML file's content; a missing file (`missing` is the message) or invalid YAML is one `error`."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(missing) from None
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML: {exc}") from None

@@ -11,9 +11,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .artifacts import read_yaml
 from .errors import ParamsError
 from .watch.settings import WatchParams
 
@@ -390,10 +390,5 @@ def parse_params(raw: Any, origin: str = "params") -> Params:
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ParamsError(f"params file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    raw = read_yaml(path, ParamsError, f"params file not found: {path}")
     return parse_params(raw, origin=str(path))

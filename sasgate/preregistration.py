@@ -21,10 +21,9 @@ import subprocess
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .artifacts import sha256_file
+from .artifacts import read_yaml, sha256_file
 from .errors import LockedSetError, PreregistrationError, SasgateError
 from .evalset import read_lock, records_digest, write_lock
 from .params import Params
@@ -134,12 +133,7 @@ M = TypeVar("M", bound=BaseModel)
 
 def load_yaml_model(path: Path, model: type[M], schema: str, error: type[SasgateError], what: str) -> M:
     """Read a YAML record with a `schema` key and validate it; every problem is one `error` naming it."""
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise error(f"no {what} at {path}") from None
-    except yaml.YAMLError as exc:
-        raise error(f"{path}: not valid YAML: {exc}") from None
+    raw = read_yaml(path, error, f"no {what} at {path}")
     if not isinstance(raw, dict) or raw.get("schema") != schema:
         raise error(f"{path}: expected a mapping with schema {schema!r}")
     try:
