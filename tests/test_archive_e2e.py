@@ -204,10 +204,10 @@ def test_resigned_decision_or_gate_edits_do_not_follow(members, keypair, tmp_pat
     edited = {**members, "decision.json": (json.dumps(decision, sort_keys=True, indent=2) + "\n").encode()}
     assert reason(rebuild(edited, tmp_path / "d.tar.gz", key), keypair.public_path).startswith(
         "decision.json does not follow from the gate records: phase_movement_authorized")
-    gate = json.loads(members["gates/reconstruction.json"])
+    gate = json.loads(members["gates/behaviour.json"])  # a consistent record set, but another decision row
     gate["status"] = "fail" if gate["status"] == "pass" else "pass"
-    edited = {**members, "gates/reconstruction.json": (json.dumps(gate, sort_keys=True, indent=2,
-                                                                  ensure_ascii=False) + "\n").encode()}
+    edited = {**members, "gates/behaviour.json": (json.dumps(gate, sort_keys=True, indent=2,
+                                                             ensure_ascii=False) + "\n").encode()}
     assert reason(rebuild(edited, tmp_path / "g.tar.gz", key), keypair.public_path).startswith(
         "decision.json does not follow from the gate records")
 
