@@ -161,11 +161,18 @@ def verify_manifest(manifest_path: Path, root: Path) -> list[str]:
     return bad
 
 
-def read_yaml(path: str | os.PathLike, error: type[SasgateError], missing: str) -> Any:
-    """A YAML file's content; a missing file (`missing` is the message) or invalid YAML is one `error`."""
+def read_text(path: str | os.PathLike, error: type[SasgateError], missing: str) -> str:
+    """A UTF-8 file's text; a missing file is one `error` whose message is `missing`."""
     try:
-        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise error(missing) from None
+
+
+def read_yaml(path: str | os.PathLike, error: type[SasgateError], missing: str) -> Any:
+    """A YAML file's content; a missing file (`missing` is the message) or invalid YAML is one `error`."""
+    text = read_text(path, error, missing)
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise error(f"{path}: not valid YAML: {exc}") from None

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import numpy as np
 
-from .artifacts import read_json
+from .artifacts import read_json, read_text
 from .errors import ArtifactError
 
 if TYPE_CHECKING:
@@ -280,10 +280,7 @@ def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSONL artifact; missing or corrupt is one ArtifactError naming the line."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise ArtifactError(f"missing artifact {path}") from None
+    lines = read_text(path, ArtifactError, f"missing artifact {path}").splitlines()
     rows = []
     for n, line in enumerate(lines, start=1):
         try:

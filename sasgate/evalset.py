@@ -40,7 +40,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .artifacts import atomic_write_json, read_json, sha256_bytes
+from .artifacts import atomic_write_json, read_json, read_text, sha256_bytes
 from .errors import ArtifactError, DataError, LeakageError, LockedSetError, ParamsError
 from .params import EvalParams, FileSource, HubSource, Params
 from .paths import Paths
@@ -551,10 +551,7 @@ def items_to_records(items: Iterable[EvalItem]) -> list[dict[str, Any]]:
 def read_items_jsonl(path: str | os.PathLike) -> list[EvalItem]:
     """Read items written as canonical JSONL (`canonical_jsonl(items_to_records(items))`), validating each."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise ArtifactError(f"missing artifact {path}") from None
+    lines = read_text(path, ArtifactError, f"missing artifact {path}").splitlines()
     out = []
     for n, line in enumerate(lines, start=1):
         try:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .artifacts import sha256_bytes
+from .artifacts import read_text, sha256_bytes
 from .errors import ArtifactError, DataError, LockedSetError, ParamsError, ScorerTamperedError
 from .evalset import RELOCK_HINT, verify_lock, write_lock
 from .paths import Paths
@@ -164,10 +164,7 @@ def check_paths(paths: Paths) -> tuple[Path, Path]:
 
 def read_check_records(path: Path) -> list[dict[str, Any]]:
     """The check set's records as written, each validated as a CheckItem (DataError naming the line)."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"scorer check set {path} is missing") from None
+    lines = read_text(path, DataError, f"scorer check set {path} is missing").splitlines()
     records = []
     for n, line in enumerate(lines, start=1):
         if not line.strip():
