@@ -82,3 +82,31 @@ class HubUnreachableError(SasgateError):
     75 is EX_TEMPFAIL (sysexits.h): cron wrappers treat it as "try again later"."""
 
     exit_code = 75
+
+
+# --- decision (issue 12): records that contradict themselves or each other ---
+class RecordConsistencyError(SasgateError):
+    """A gate record contradicts its own rows, the required tuples or another record: `decide` refuses."""
+
+    exit_code = 11
+
+
+# --- preregistration (issue 12): the RFC 3161 timestamp over the lock ---
+class TimestampError(SasgateError):
+    """A preregistration timestamp token is missing its TSA certificate, malformed, or covers another digest."""
+
+    exit_code = 12
+
+
+# --- local models (issue 16) ---
+class ModelFileError(SasgateError):
+    """A local model file is missing or its sha256 differs from `model.sha256` (both digests named)."""
+
+    exit_code = 13
+
+
+# --- sweeps (issue 18): sasgate sweep ---
+class SweepError(SasgateError):
+    """A sweep could not be submitted or collected (no git/DVC remote, a dirty tree, a failed point)."""
+
+    exit_code = 14
