@@ -58,10 +58,22 @@ def _compile(p: str | tuple[str, str]) -> Pattern:
 
 PATTERNS: dict[str, tuple[Pattern, ...]] = {k: tuple(_compile(p) for p in v) for k, v in {
     "behaviour-decision-valid": (
-        r"\bSAS\b[^.;!?]{0,60}?\b(?:match\w*|beat\w*|outperform\w*|rival\w*|on\s+par\s+with|equal\w*|"
-        r"as\s+(?:well|good|effective\w*|strong\w*)\s+as|comparabl\w*)\b" + _NEAR + r"\bDIM\b",
         r"\bdecision[- ]valid\b",
         r"\bbehaviou?r(?:al)?\s+gates?\s+(?:passed|succeeded|held)\b",
+    ),
+    "sas-matches-dim": (
+        r"\bSAS\b[^.;!?]{0,60}?\b(?:match\w*|beat\w*|outperform\w*|rival\w*|on\s+par\s+with|equal\w*|"
+        r"as\s+(?:well|good|effective\w*|strong\w*)\s+as|comparabl\w*)\b" + _NEAR + r"\bDIM\b",
+    ),
+    "sas-falls-short-of-dim": (
+        r"\bSAS\b[^.;!?]{0,60}?\b(?:falls?\s+short\s+of|fell\s+short\s+of|underperform\w*|(?:is|was|were|are)\s+"
+        r"(?:worse|weaker|less\s+effective)\s+than|lags?\s+behind|trails?)\b" + _NEAR + r"\bDIM\b",
+        r"\bDIM\b[^.;!?]{0,40}?\b(?:outperform\w*|beat\w*|(?:is|was)\s+(?:better|stronger|more\s+effective)\s+than)\b"
+        + _NEAR + r"\bSAS\b",
+    ),
+    "robustness-tested-families": (
+        r"\b(?:robust\w*|stable|held|holds?)\s+(?:to|across|over|in)\s+(?:all\s+|every\s+|each\s+)?(?:the\s+)?"
+        r"(?:\w+\s+){0,2}paraphrase\s+famil",
     ),
     "behaviour-stable-as-tested": (
         r"\b(?:stable|robust\w*|consistent\w*|held|holds?)\s+(?:across|over)\s+(?:the\s+)?(?:tested\s+|\w+\s+)?"

@@ -1,4 +1,4 @@
-"""The decision state machine (DESIGN.md, "Decision states"): gate records in, decision out.
+"""The decision state machine (ARCHITECTURE.md, "The decision table"): gate records in, decision out.
 
 `decide` is a pure function of the gate records: it finds the one row of `STATE_TABLE`
 that the records match, derives every claim by rule (sasgate.claims), states what would
@@ -10,7 +10,9 @@ The behaviour column of the table is the behaviour-level verdict as a whole: it 
 when both the validity gate (`behaviour`) and the `stability` gate passed. A missing
 behaviour or stability record counts as not passed (row 1 takes any reconstruction and
 remediation); a missing or contradictory reconstruction / remediation record matches no row
-and is an error naming it.
+and is an error naming it. Before any row is looked up, every record is checked against itself,
+the required tuples and the records it depends on (sasgate.consistency): a record whose status
+does not follow from its rows is refused (RecordConsistencyError, exit 11), never decided.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .artifacts import atomic_write_json, atomic_write_text, canonical_json, read_json, sha256_bytes
 from .claims import ABSENT, CATALOGUE, GATES, Facts
+from .consistency import check_records
 from .errors import ArtifactError
-from .gates import GateRecord, TupleRef
-from .preregistration import FamilyCoverage, StopRef, describe_validation
+from .gates import GateRecord, Outcome, TupleRef
+from .preregistration import FamilyCoverage, StopRef
+from .validation import describe_validation
 
 DECISION_SCHEMA = "sasgate.decision/1"
 ANY = "any"
@@ -37,7 +41,7 @@ DecisionState = Literal["hold", "advance", "rerun", "conditional_hold"]
 
 @dataclass(frozen=True)
 class StateRow:
-    """One row of the DESIGN.md table. Remediation outcomes: not_needed, found (passing candidates), stopped."""
+    """One row of the decision table (ARCHITECTURE.md). Remediation outcomes: not_needed, found (passing candidates), stopped."""
 
     behaviour: str
     reconstruction: str
@@ -73,6 +77,7 @@ class GateSummary(_Model):
     comparison: str | None
     threshold: float | None
     reason: str | None
+    outcome: Outcome | None = None  # the behaviour gate's SAS-vs-DIM outcome (holds / fails / inconclusive)
 
 
 class ClaimEntry(_Model):
@@ -135,7 +140,7 @@ def gate_summary(record: GateRecord | None) -> GateSummary:
                            threshold=None, reason=None)
     return GateSummary(status=record.status, sha256=record_sha256(record), metric=record.metric,
                        key_figure=key_figure(record), comparison=record.comparison, threshold=record.threshold,
-                       reason=record.reason)
+                       reason=record.reason, outcome=record.outcome)
 
 
 def paraphrase_coverage(stability: GateRecord | None) -> tuple[int | None, int | None]:
@@ -155,6 +160,17 @@ def paraphrase_coverage(stability: GateRecord | None) -> tuple[int | None, int |
         if isinstance(pset, int) and pset > 0:
             families[pset] = families.get(pset, True) and cell.get("agrees") is True
     return len(families), sum(families.values())
+
+
+def family_texts(stability: GateRecord | None) -> tuple[str, ...]:
+    """How each declared paraphrase family was made, as the stability record names it (for the scoped claim)."""
+    fams = ((stability.details or {}) if stability is not None else {}).get("paraphrase_families")
+    if not isinstance(fams, list):
+        return ()
+    held = {True: "yes", False: "no", None: "unknown"}
+    return tuple(f"set {f.get('paraphrase_set')}: {f.get('made_by')} (held out from training: "
+                 f"{held.get(f.get('held_out_from_training'), 'unknown')}; from selection: "
+                 f"{held.get(f.get('held_out_from_selection'), 'unknown')})" for f in fams if isinstance(f, dict))
 
 
 def _remediation_facts(record: GateRecord | None) -> tuple[StopRef | None, dict[str, FamilyCoverage]]:
@@ -214,26 +230,16 @@ def _reopen(row: StateRow, records: Mapping[str, GateRecord | None], required: S
     return out
 
 
-def _check_tuples(records: Mapping[str, GateRecord | None], required: Sequence[TupleRef]) -> None:
-    want = sorted((t.model, t.layer, t.site) for t in required)
-    for name in ("reconstruction", "remediation"):
-        rec = records.get(name)
-        if rec is None or not rec.per_tuple:
-            continue
-        got = sorted((t.tuple.model, t.tuple.layer, t.tuple.site) for t in rec.per_tuple)
-        if got != want:
-            raise ArtifactError(f"the {name} gate record covers tuples {got}, but the required tuples are {want}; "
-                                "re-run the pipeline so every gate judges the same tuples")
-
-
 def _as_tuple(t: TupleRef | Mapping[str, Any]) -> TupleRef:
     return t if isinstance(t, TupleRef) else TupleRef.model_validate(dict(t))
 
 
-def decide(records: Mapping[str, GateRecord | None], required_tuples: Sequence[TupleRef | Mapping[str, Any]]
-           ) -> Decision:
+def decide(records: Mapping[str, GateRecord | None], required_tuples: Sequence[TupleRef | Mapping[str, Any]],
+           stated: bool = False) -> Decision:
     """The decision that follows from the gate records (keys: behaviour, stability, reconstruction,
-    remediation; None or missing = absent). Pure: no I/O. ArtifactError when no table row matches."""
+    remediation; None or missing = absent). Pure: no I/O. RecordConsistencyError when a record contradicts
+    itself (`stated`: a study record's typed behaviour figures, see sasgate.consistency), ArtifactError
+    when no table row matches."""
     unknown = sorted(set(records) - set(GATES))
     if unknown:
         raise ArtifactError(f"unknown gate records {unknown}; the decision reads {list(GATES)}")
@@ -243,7 +249,7 @@ def decide(records: Mapping[str, GateRecord | None], required_tuples: Sequence[T
     required = [_as_tuple(t) for t in required_tuples]
     if not required:
         raise ArtifactError("a decision needs at least one required tuple")
-    _check_tuples(records, required)
+    check_records(records, required, stated=stated)
     status = {g: (records[g].status if records.get(g) is not None else ABSENT) for g in GATES}
     behaviour = "pass" if status["behaviour"] == status["stability"] == "pass" else "fail"
     remediation = REMEDIATION_OUTCOME.get(status["remediation"], ABSENT)
@@ -257,7 +263,10 @@ def decide(records: Mapping[str, GateRecord | None], required_tuples: Sequence[T
                else "the reconstruction and remediation records contradict each other (re-run the pipeline)"))
     stop, coverage = _remediation_facts(records.get("remediation"))
     declared, stable = paraphrase_coverage(records.get("stability"))
-    facts = Facts(status=status, paraphrase_families_declared=declared, paraphrase_families_stable=stable)
+    behaviour_rec = records.get("behaviour")
+    facts = Facts(status=status, paraphrase_families_declared=declared, paraphrase_families_stable=stable,
+                  families=family_texts(records.get("stability")),
+                  outcome=behaviour_rec.outcome if behaviour_rec is not None else None)
     allowed, disallowed = [], []
     for claim in CATALOGUE:
         ok, because = claim.judge(facts)
@@ -352,10 +361,10 @@ def render_claims_md(decision: Decision) -> str:
         lines.append(f"- stopped by: {d.stopped_by.id} ({d.stopped_by.kind}): {d.stopped_by.text}")
     if d.coverage:
         lines.append("- candidate coverage: " + ", ".join(f"{f} = {t}" for f, t in d.coverage.items()))
-    lines += ["", "| gate | status | key figure | threshold | record sha256 |", "|---|---|---|---|---|"]
+    lines += ["", "| gate | status | key figure | threshold | outcome | record sha256 |", "|---|---|---|---|---|---|"]
     for name in sorted(d.gates, key=lambda n: (GATES.index(n) if n in GATES else len(GATES), n)):
         g = d.gates[name]
         threshold = "—" if g.threshold is None else f"{g.metric} {g.comparison} {_fmt(g.threshold)}"
-        lines.append(f"| {name} | {g.status} | {_fmt(g.key_figure)} | {threshold} | "
+        lines.append(f"| {name} | {g.status} | {_fmt(g.key_figure)} | {threshold} | {g.outcome or '—'} | "
                      f"{g.sha256 or '—'} |")
     return "\n".join(lines) + "\n"

@@ -16,6 +16,10 @@ position: log(p + eps) - log(1 - p + eps), eps = 1e-8, as in their code.
 Rule: discard candidates in the last `prune_layer_fraction` of layers (l >= int(n_layers * (1 - f))),
 with `kl > kl_threshold`, with `induce_score < induce_threshold`, or with a non-finite score; of
 the rest, take the lowest `ablation_score`.
+
+Data, as in their code: the selection split is cut by source into a build part (the difference in
+means) and a validation part (the three scores), after dropping prompts whose unsteered refusal score
+contradicts their label (harmful < 0, harmless > 0: `contradicts_label`).
 """
 
 from __future__ import annotations
@@ -115,6 +119,12 @@ def score_candidates(chat: Any, directions: torch.Tensor, positions: Sequence[in
     return out, baseline
 
 
+def contradicts_label(score: float, harmful: bool) -> bool:
+    """Arditi et al.'s filter: a harmful prompt the unsteered model does not refuse (score < 0), or a harmless
+    one it refuses (score > 0), cannot show what the refusal direction does."""
+    return score < 0 if harmful else score > 0
+
+
 def discard_reasons(c: dict[str, Any], n_layers: int, dp: DirectionsParams) -> list[str]:
     """Why Arditi's rule discards a candidate (empty: kept)."""
     missing = [k for k in ("kl", "induce_score", "ablation_score") if c[k] is None]
@@ -133,25 +143,29 @@ def discard_reasons(c: dict[str, Any], n_layers: int, dp: DirectionsParams) -> l
     return reasons
 
 
-def select(candidates: list[dict[str, Any]], n_layers: int, dp: DirectionsParams) -> tuple[list[dict[str, Any]], int]:
-    """Annotate every candidate with kept / reasons; return them and the chosen one's index."""
+def select(candidates: list[dict[str, Any]], n_layers: int, dp: DirectionsParams
+           ) -> tuple[list[dict[str, Any]], int, bool]:
+    """Annotate every candidate with kept / reasons; return them, the chosen one's index, and whether the rule
+    was satisfied. With no survivor the candidate failing the fewest criteria is returned, flagged
+    (satisfied False): the behaviour gate then fails closed, naming why, instead of the pipeline stopping
+    with no decision. With no scorable candidate at all there is nothing to steer with: SelectionError."""
     annotated = []
     for c in candidates:
         reasons = discard_reasons(c, n_layers, dp)
         annotated.append({**c, "kept": not reasons, "reasons": reasons})
     kept = [i for i, c in enumerate(annotated) if c["kept"]]
+    satisfied = bool(kept)
     if not kept:
-        scored = [c for c in annotated if not c["reasons"][0].startswith("unscored")] or annotated
-        nearest = min(scored, key=lambda c: len(c["reasons"]))  # the candidate that fails fewest criteria
-        raise SelectionError(
-            f"no DIM candidate survives Arditi's rule ({len(candidates)} candidates, every one discarded; nearest: "
-            f"L{nearest['layer']} pos {nearest['position']}: {'; '.join(nearest['reasons'])}); check the model's "
-            "refusal behaviour or the rule's constants (directions.kl_threshold, induce_threshold, "
-            "prune_layer_fraction)")
+        kept = [i for i, c in enumerate(annotated) if not c["reasons"][0].startswith("unscored")]
+        if not kept:
+            raise SelectionError(f"no DIM candidate could be scored ({len(candidates)} candidates, every one zero or "
+                                 "not finite): there is no direction to steer with")
+        fewest = min(len(annotated[i]["reasons"]) for i in kept)
+        kept = [i for i in kept if len(annotated[i]["reasons"]) == fewest]
     chosen = min(kept, key=lambda i: (annotated[i]["ablation_score"], i))
     for i, c in enumerate(annotated):
         c["chosen"] = i == chosen
-    return annotated, chosen
+    return annotated, chosen, satisfied
 
 
 # --------------------------------------------------------------------------- the `directions` artifact

@@ -535,6 +535,23 @@ def resolve_eval_set(params: Params, paths: Paths) -> list[EvalItem]:
     return resolve(params, paths).items
 
 
+def paraphrase_families(params: Params) -> list[dict[str, Any]]:
+    """How each declared paraphrase set (1..n; 0 is the original wording) was made, and whether it was held
+    out from the model's training and from the selection step: what a robustness claim may name."""
+    ev = params.eval
+    if ev.source == "toy":
+        made = ("the toy grammar's template (base + {k}) mod {n} for each source, the base drawn per source; "
+                "the {n} templates are the ones the organism was trained on").format
+        trained: bool | None = False
+    else:
+        where = "data/eval/{harmful,harmless}.jsonl" if ev.source == "builtin" else "the eval.harmful/eval.harmless files"
+        made = ("the {k}th hand-written paraphrase of each source in " + where).format
+        trained = None  # unknown: the model's training data is not ours to inspect
+    return [{"paraphrase_set": k, "made_by": made(k=k, n=len(grammar.TEMPLATES)), "held_out_from_training": trained,
+             "held_out_from_selection": False,  # the selection split is worded in every paraphrase set too
+             } for k in range(1, ev.n_paraphrases + 1)]
+
+
 def eval_counts(items: Iterable[EvalItem]) -> dict[str, dict[str, int]]:
     """{split: {label: number of items}} (all paraphrase sets counted)."""
     counts: dict[str, dict[str, int]] = {}

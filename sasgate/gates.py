@@ -20,18 +20,22 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .artifacts import atomic_write_json, read_json, sha256_file
 from .errors import ArtifactError
+from .validation import describe_validation
 
-GATE_SCHEMA = "sasgate.gate/1"
+GATE_SCHEMA = "sasgate.gate/2"
 GateStatus = Literal["pass", "fail", "not_needed"]
 TupleStatus = Literal["pass", "fail", "not_needed"]
 Comparison = Literal["<=", "<", ">=", ">", "=="]
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+Outcome = Literal["holds", "fails", "inconclusive"]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Interval = tuple[Finite, Finite]
 
 
 class _Record(BaseModel):
@@ -70,10 +74,57 @@ class TupleResult(_Record):
         return v
 
 
+class ArmChoice(_Record):
+    """One method's arm in a comparison: the strength chosen on the selection split and what it was chosen at."""
+
+    arm: str
+    strength: Finite | None  # None: no strength within the side-effect budget (the arm is left unsteered)
+    selection_effect: Finite | None
+    selection_side_effect: Finite | None
+    eval_side_effect: Finite | None  # the same side-effect measure at that strength on the eval split (reported)
+    reason: str
+
+
+class ComparisonResult(_Record):
+    """effect(SAS) - effect(DIM) for one (kind, operator) on the eval split, and its three-valued outcome."""
+
+    kind: Literal["induce", "bypass"]
+    operator: Literal["addition", "directional_ablation"]
+    judged_on: Literal["harmful", "harmless"]
+    estimate: Finite
+    ci: Interval
+    margin: Annotated[float, Field(ge=0, le=1)]
+    outcome: Outcome
+    reason: str = Field(min_length=1)
+    resampling_unit: Literal["source_prompt"]
+    n_units: int = Field(ge=1)  # source prompts
+    ci_level: Annotated[float, Field(gt=0, lt=1)]
+    bootstrap_samples: int = Field(ge=1)
+    strength_chosen_on: Literal["selection"]
+    effect: dict[Literal["dim", "sas"], Finite]
+    effect_ci: dict[Literal["dim", "sas"], Interval]
+    baseline_rate: Annotated[float, Field(ge=0, le=1)]
+    arms: dict[Literal["dim", "sas"], ArmChoice]
+
+    @field_validator("ci")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] > v[1]:
+            raise ValueError(f"must be an interval [lo, hi] with lo <= hi, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _both_methods(self) -> "ComparisonResult":
+        for name in ("effect", "effect_ci", "arms"):
+            if set(getattr(self, name)) != {"dim", "sas"}:
+                raise ValueError(f"{name} must hold exactly 'dim' and 'sas'")
+        return self
+
+
 class GateRecord(_Record):
     """One gate's verdict and everything it rests on."""
 
-    schema_: Literal["sasgate.gate/1"] = Field(alias="schema")
+    schema_: Literal["sasgate.gate/2"] = Field(alias="schema")
     gate: str = Field(min_length=1)
     status: GateStatus
     metric: str
@@ -84,6 +135,8 @@ class GateRecord(_Record):
     params: dict[str, Any]
     reason: str = Field(min_length=1)
     details: dict[str, Any] | None = None
+    comparisons: list[ComparisonResult] | None = None  # the behaviour gate only (ARCHITECTURE.md, section 5)
+    outcome: Outcome | None = None  # the behaviour gate only: over its comparisons
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -102,11 +155,16 @@ class GateRecord(_Record):
     def _threshold_pairs(self) -> "GateRecord":
         if (self.threshold is None) != (self.comparison is None):
             raise ValueError("threshold and comparison must both be set or both be null")
+        is_behaviour = self.gate == "behaviour"
+        if is_behaviour != (self.comparisons is not None) or is_behaviour != (self.outcome is not None):
+            raise ValueError("comparisons and outcome are required on the behaviour gate and only there")
         return self
 
     def to_json(self) -> dict[str, Any]:
-        """The record as plain JSON (key `schema`, not the python attribute name)."""
-        return self.model_dump(mode="json", by_alias=True)
+        """The record as plain JSON (key `schema`, not the python attribute name; the behaviour-only fields
+        appear only on the behaviour gate)."""
+        skip = {"comparisons", "outcome"} if self.comparisons is None else set()
+        return self.model_dump(mode="json", by_alias=True, exclude=skip)
 
 
 def compare(observed: float, comparison: str, threshold: float) -> bool:
@@ -132,19 +190,6 @@ def input_digests(root: Path, files: list[Path]) -> dict[str, str]:
     return out
 
 
-def _describe(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            lines.append(f"unknown field {loc!r}")
-        elif err["type"] == "missing":
-            lines.append(f"missing field {loc!r}")
-        else:
-            lines.append(f"{loc}: {err['msg']}")
-    return "; ".join(sorted(set(lines)))
-
-
 def validate_gate(raw: Any, origin: str = "gate record") -> GateRecord:
     """A GateRecord from plain JSON; any schema problem is one ArtifactError naming the fields."""
     if not isinstance(raw, dict):
@@ -154,7 +199,7 @@ def validate_gate(raw: Any, origin: str = "gate record") -> GateRecord:
     try:
         return GateRecord.model_validate(raw)
     except ValidationError as exc:
-        raise ArtifactError(f"{origin}: invalid gate record: {_describe(exc)}") from None
+        raise ArtifactError(f"{origin}: invalid gate record: {describe_validation(exc)}") from None
 
 
 def write_gate(path: str | Path, record: GateRecord | dict[str, Any]) -> GateRecord:

@@ -5,15 +5,16 @@ side effects. Each builder returns a list of `(hook_name, fn)` pairs for `model.
 `run_with_hooks(...)` or `ChatModel.generate(hooks=...)`. Every hook acts the same at every
 position, so it behaves alike on a full prompt pass and on KV-cached single-token steps.
 
-* `addition(hook, v, c)`: x <- x + c v at one hook (DIM: the raw difference-in-means vector at
-  `blocks.{l}.hook_resid_pre`, as Arditi et al. add it; SAS: the decoded top-k latent vector at
-  the SAS tuple's hook).
+* `addition(hook, v, c)`: x <- x + c v at one hook. `directions` scores DIM candidates with the raw
+  difference-in-means vector at `blocks.{l}.hook_resid_pre`, as Arditi et al. do; the steering arms
+  add a unit direction (DIM's or SAS's) times s * resid_norm at the compared hook (sasgate.steering).
 * `directional_ablation(model, r, c)`: x <- x - c (x . r^) r^ on every component that writes to
   the residual stream (resid_pre of every block, attn_out and mlp_out): with c = 1 the residual
   stream is orthogonal to r^ at every layer and position (Arditi et al.).
 * `sae_latent_ablation(hook, sae, ids, c)`: x <- decode(f') + (x - decode(f)) with f = encode(x)
   and f' = f with the chosen latents scaled by (1 - c): the chosen latents are removed while the
   SAE's error term is kept, so an SAE that reconstructs badly does not damage the model by itself.
+  Latent-level SAS: its own, reported arm, never compared with DIM's directional ablation.
 """
 
 from __future__ import annotations

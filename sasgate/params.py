@@ -211,13 +211,19 @@ class ReconstructionParams(Strict):
 
 
 class DirectionsParams(Strict):
-    """DIM direction selection, with the constants of Arditi et al. 2024's recorded rule."""
+    """DIM direction selection, with the constants of Arditi et al. 2024's recorded rule.
+
+    As in their code, the selection split is divided by source into a build part (the difference in means)
+    and a validation part (scoring the candidates), after dropping prompts whose unsteered refusal score
+    contradicts their label (harmful < 0, harmless > 0)."""
 
     kl_threshold: Annotated[float, Field(gt=0)] = 0.1  # discard if ablation moves harmless next-token dists more
     prune_layer_fraction: Prob = 0.2  # discard candidates in the last 20% of layers
     induce_threshold: float = 0.0  # addition must raise the refusal score on harmless prompts above this
     refusal_tokens: list[str] = ["i", "sorry", "that", "as"]  # first tokens of refusals (toy defaults)
-    max_prompts: PosInt = 32  # selection prompts per class used to score candidates
+    build_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.625  # selection sources per class in the build part
+    filter_by_baseline: bool = True  # Arditi's filter of prompts whose baseline refusal score contradicts the label
+    split_seed: NonNegInt = 0  # the seeded build/validation assignment of selection sources
     batch_size: PosInt = 64  # prompts per forward pass when scoring candidates
 
 
@@ -228,16 +234,40 @@ class FeaturesParams(Strict):
     steer_tuple: str = "auto"  # a tuple key, or auto: the required tuple nearest DIM's chosen layer
 
 
-class SteerParams(Strict):
-    """The steering grid, run on the eval split only."""
+def _distinct_sorted(v: list[float]) -> list[float]:
+    if len(set(v)) != len(v):
+        raise ValueError(f"repeats a value: {v}")
+    return sorted(v)
 
-    add_coefficients: list[float] = [0.5, 1.0, 2.0, 4.0]
-    ablate_coefficients: list[float] = [0.25, 0.5, 0.75, 1.0]
-    seeds: list[NonNegInt] = [0, 1, 2]
+
+Strengths = Annotated[list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Field(min_length=1)]
+
+
+class SteerParams(Strict):
+    """The steering grid (the same for both methods), chosen from on the selection split, judged on the eval split.
+
+    Addition adds s * (mean residual norm at the compared hook) * unit direction, for DIM and SAS alike;
+    ablation projects a fraction c of the unit direction out of every residual-stream write."""
+
+    add_strengths: Strengths = [0.25, 0.5, 1.0, 2.0]
+    ablate_strengths: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=1)] = [0.25, 0.5, 0.75, 1.0]
+    seeds: Annotated[list[NonNegInt], Field(min_length=1)] = [0, 1, 2]
     do_sample: bool = True
     temperature: Annotated[float, Field(gt=0)] = 0.7
     max_new_tokens: PosInt = 12
     batch_size: PosInt = 64
+
+    @field_validator("add_strengths", "ablate_strengths")
+    @classmethod
+    def _grid(cls, v: list[float]) -> list[float]:
+        return _distinct_sorted(v)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"repeats a seed: {v}")
+        return v
 
 
 class ScoreParams(Strict):
@@ -245,20 +275,21 @@ class ScoreParams(Strict):
 
 
 class ValidityParams(Strict):
-    """When the behaviour result is decision-valid."""
+    """When the behaviour result is decision-valid, and the margin its three-valued outcome is judged at."""
 
     min_agreement: Prob = 0.95
-    min_samples: PosInt = 50
-    margin: Prob = 0.1  # "SAS matches or beats DIM within margin m"
-    side_effect_budget: Annotated[float, Field(gt=0)] = 1.0  # max mean KL (nats), off-target class (behaviour.py)
-    perplexity_budget: Annotated[float, Field(ge=1)] = 3.0  # max perplexity of steered / unsteered completions
+    min_samples: PosInt = 50  # source prompts (the resampling unit) per compared condition
+    margin: Prob = 0.1  # "SAS matches or beats DIM within margin m" (refusal-rate points / 100)
+    side_effect_budget: Annotated[float, Field(gt=0)] = 0.25  # max mean per-token KL (nats) on off-target text
+    min_refusal_gap: Prob = 0.5  # unsteered refusal rate harmful - harmless on the eval split, at least
     bootstrap_samples: PosInt = 1000
     bootstrap_seed: NonNegInt = 0
     ci_level: Annotated[float, Field(gt=0, lt=1)] = 0.95
 
 
 class StabilityParams(Strict):
-    min_agreement: Prob = 0.8
+    min_agreement: Prob = 0.8  # share of (seed, paraphrase set) cells on the pooled side of -margin
+    split_seed: NonNegInt = 0  # the seeded split of eval source prompts into two disjoint halves
 
 
 class RemediationFamilyParams(Strict):

@@ -68,6 +68,10 @@ class Paths:
         return self.artifacts / "features"
 
     @property
+    def calibrate_dir(self) -> Path:
+        return self.artifacts / "calibrate"
+
+    @property
     def steer_dir(self) -> Path:
         return self.artifacts / "steer"
 

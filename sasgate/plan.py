@@ -165,8 +165,9 @@ def plan(params: Params, tokens_per_prompt: int | None = None) -> dict[str, Any]
     big_sae = max(sae_bytes.values())
     act_bytes = {s: n * arch.d_model * F32 for s, n in tokens.items()}
     cp, sp = params.collect, params.steer
-    n_settings = 1 + 2 * len(sp.add_coefficients) + 2 * len(sp.ablate_coefficients)
+    n_settings = 1 + 2 * len(sp.add_strengths) + 3 * len(sp.ablate_strengths)  # baseline, 5 arms (behaviour.ARMS)
     n_generations = n_settings * len(sp.seeds) * prompts["eval"]
+    n_calibration = (n_settings - 1) * len(sp.seeds) * prompts["selection"] // 2 + len(sp.seeds) * prompts["selection"]
     gen_seq = longest + max(cp.max_new_tokens, sp.max_new_tokens)
     hub_weights = [] if toy else [f"{mp.name}@{mp.revision} ({_fmt(weights)} in {mp.dtype}; HF cache, first load)"]
     post_bytes = prompts["selection"] * arch.n_layers * n_post * arch.d_model * F32
@@ -186,8 +187,8 @@ def plan(params: Params, tokens_per_prompt: int | None = None) -> dict[str, Any]
                   weights + post_bytes + max(forward_bytes(cp.batch_size, longest), kv_bytes(cp.batch_size, gen_seq)
                                              + forward_bytes(cp.batch_size, 1))),
         StagePlan("directions", ["the model", "collect: selection post-instruction activations"],
-                  f"DIM candidates at {arch.n_layers} layers x {n_post} positions; score each on "
-                  f"{2 * params.directions.max_prompts} prompts",
+                  f"DIM candidates at {arch.n_layers} layers x {n_post} positions, built on "
+                  f"{params.directions.build_fraction:.0%} of the selection sources, scored on the rest",
                   arch.n_layers * n_post * arch.d_model * F32 * 2,
                   weights + post_bytes + forward_bytes(params.directions.batch_size, longest)),
         StagePlan("saes", [f"{t.key}: {t.sae}" for t in params.tuples],
@@ -199,7 +200,12 @@ def plan(params: Params, tokens_per_prompt: int | None = None) -> dict[str, Any]
                   f"mean SAE-latent difference, top {params.features.top_k} latents",
                   (params.features.top_k + arch.d_model) * F32 * n_tuples,
                   big_sae + act_bytes["selection"]),
-        StagePlan("steer", ["the model", "the SAS tuple's SAE", "DIM", "SAS"],
+        StagePlan("calibrate", ["the model", "the SAS tuple's SAE", "DIM", "SAS"],
+                  f"{n_calibration} generations on the selection split (each arm on the class it is judged on), "
+                  f"side effects of {n_settings} settings; choose one strength per arm",
+                  GENERATION_BYTES * n_calibration,
+                  weights + big_sae + kv_bytes(sp.batch_size, gen_seq) + forward_bytes(sp.batch_size, gen_seq)),
+        StagePlan("steer", ["the model", "the SAS tuple's SAE", "DIM", "SAS", "calibrate: strengths"],
                   f"{n_generations} generations ({n_settings} settings x {len(sp.seeds)} seeds x "
                   f"{prompts['eval']} eval prompts), batches of {sp.batch_size}, {sp.max_new_tokens} new tokens",
                   GENERATION_BYTES * n_generations,

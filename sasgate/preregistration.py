@@ -27,6 +27,7 @@ from .artifacts import read_yaml, sha256_file
 from .errors import LockedSetError, PreregistrationError, SasgateError
 from .evalset import read_lock, records_digest, write_lock
 from .params import Params
+from .validation import describe_validation
 from .paths import Paths
 
 STOP_RULES_SCHEMA = "sasgate.stop_rules/1"
@@ -116,16 +117,6 @@ class FamilyCoverage(BaseModel):
 
 
 # --- loading and the lock -------------------------------------------------------------------
-
-
-def describe_validation(exc: ValidationError) -> str:
-    """pydantic's errors as one line naming each field (shared by every sasgate record reader)."""
-    out = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        out.append(f"unknown field {loc!r}" if err["type"] == "extra_forbidden" else f"{loc}: {msg}")
-    return "; ".join(sorted(set(out)))
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -117,6 +117,14 @@ def load_scorer(version: str, versions_dir: str | Path | None = None) -> Scorer:
     return Scorer(version=version, sha256=digest, released=released, path=path, _fn=fn)
 
 
+def checked_scorer(version: str, versions_dir: str | Path | None = None) -> Scorer:
+    """The scorer `version`, after checking that no released version's code changed (an edit to v1 is caught
+    even while v2 scores): ScorerTamperedError, exit 7."""
+    for v in sorted(RELEASED):
+        load_scorer(v, versions_dir)
+    return load_scorer(version, versions_dir)
+
+
 def list_versions(versions_dir: str | Path | None = None) -> list[VersionStatus]:
     """Every released version and every version file (default VERSIONS_DIR), with its hash and state."""
     versions_dir = Path(versions_dir or VERSIONS_DIR)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .artifacts import read_json, verify_manifest
 from .claims import GATES
 from .decision import Decision, decide, gate_summary, read_decision, render_claims_md, tuple_label
-from .errors import ArtifactError, PreregistrationError
+from .errors import ArtifactError, PreregistrationError, RecordConsistencyError
 from .gates import GATE_SCHEMA, GateRecord, TupleRef, compare, read_gate, validate_gate
 from .params import Params
 from .paths import Paths
@@ -44,6 +44,7 @@ class RecordGate(_Rec):
     """A gate as a study reported it: figures per tuple, or a stated status where figures are absent."""
 
     status: Literal["pass", "fail"] | None = None
+    outcome: Literal["holds", "fails", "inconclusive"] | None = None  # the behaviour gate's, as reported
     metric: str
     threshold: float
     comparison: Literal["<=", "<", ">=", ">"]
@@ -94,11 +95,12 @@ def load_study_record(path: str | Path) -> StudyRecord:
 
 def _gate(name: str, status: str, g: RecordGate | None, per_tuple: list[dict[str, Any]], reason: str,
           details: dict[str, Any] | None = None) -> GateRecord:
+    stated = {"comparisons": [], "outcome": g.outcome if g else None} if name == "behaviour" else {}
     return validate_gate({
         "schema": GATE_SCHEMA, "gate": name, "status": status, "metric": g.metric if g else "nmse",
         "threshold": g.threshold if g else None, "comparison": g.comparison if g else None,
         "per_tuple": per_tuple, "inputs": {}, "params": {"source": "study record"}, "reason": reason,
-        "details": details,
+        "details": details, **stated,
     }, origin=f"study record gate {name}")
 
 
@@ -109,6 +111,9 @@ def record_gates(rec: StudyRecord) -> tuple[dict[str, GateRecord], list[TupleRef
         g: RecordGate = getattr(rec.gates, name)
         if g.status is None:
             raise ArtifactError(f"study record: gate {name} needs a status (its figures are not part of records)")
+        if (name == "behaviour") != (g.outcome is not None):
+            raise ArtifactError("study record: the behaviour gate, and only it, states its outcome (holds, fails or "
+                                "inconclusive)")
         out[name] = _gate(name, g.status, g, [], g.reason or f"{name} {g.status} (as reported)")
     r = rec.gates.reconstruction
     if not r.per_tuple:
@@ -158,7 +163,7 @@ def expected_mismatches(decision: Decision, expected: Expected | None) -> list[s
 def decide_record(path: str | Path) -> tuple[Decision, StudyRecord]:
     rec = load_study_record(path)
     gates, tuples = record_gates(rec)
-    return decide(gates, tuples), rec
+    return decide(gates, tuples, stated=True), rec
 
 
 def record_report(path: str | Path) -> dict[str, Any]:
@@ -217,7 +222,7 @@ def project_report(params: Params, paths: Paths) -> dict[str, Any]:
     derived: Decision | None = None
     try:
         derived = decide(gates, required_tuples(params))
-    except ArtifactError as exc:
+    except (ArtifactError, RecordConsistencyError) as exc:
         problems.append(f"no decision follows from the gate records: {exc}")
     on_disk = read_decision(paths.decision) if paths.decision.is_file() else None
     if on_disk is None:
@@ -264,7 +269,8 @@ def format_decision(d: dict[str, Any] | None, gates: dict[str, Any]) -> list[str
     for name in [g for g in GATES if g in gates]:
         g = gates[name]
         thr = f"{g['metric']} {g['comparison']} {_fig(g['threshold'])}" if g["threshold"] is not None else "no threshold"
-        lines.append(f"  {name:<15} {g['status']:<10} key figure {_fig(g['key_figure']):<8} ({thr})")
+        outcome = f", outcome {g['outcome']}" if g.get("outcome") else ""
+        lines.append(f"  {name:<15} {g['status']:<10} key figure {_fig(g['key_figure']):<8} ({thr}{outcome})")
         if g.get("reason"):
             lines.append(f"  {'':<15} {g['reason']}")
     if d is None:

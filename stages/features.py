@@ -1,7 +1,8 @@
 """`features`: SAS steering vectors, one per required tuple, from the selection split only.
 
-Per tuple: the tuple's SAE (through sae-lens) encodes the selection split's post-instruction
-activations; the mean latent activation over harmful tokens minus that over harmless tokens
+Per tuple: the tuple's SAE (through sae-lens) encodes the post-instruction activations of the
+selection split's build part (the same prompts, after the same baseline filter, that DIM's
+difference in means is built on: like for like); the mean latent activation over harmful tokens minus that over harmless tokens
 ranks the latents; the top-k (positive difference) are kept, with their ids, means and
 difference, and their decoded vector decode(diff on the kept latents) - decode(0) is the SAS
 addition vector. The items are checked for selection/eval leakage first (LeakageError, exit 4).
@@ -32,7 +33,7 @@ from sasgate.paths import Paths
 from sasgate.stage_runner import stage_main
 
 SCHEMA = "sasgate.features/1"
-TOKEN_SET = "selection split, post-instruction positions"
+TOKEN_SET = "selection split, build part (the prompts DIM is built on), post-instruction positions"
 
 
 def steer_tuple(params: Params, dim_layer: int) -> tuple[str, str]:
@@ -48,13 +49,15 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
     k = params.features.top_k
     items = split_items(paths, "selection")
     index = load_token_index(paths, "selection")
-    post = index["post_instruction"] != 0
-    prompt = index["prompt_index"][post]
     if int(index["prompt_index"].max()) + 1 != len(items):
         raise ArtifactError(f"the selection token index covers {int(index['prompt_index'].max()) + 1} prompts but "
                             f"there are {len(items)} selection items; rerun `dvc repro collect`")
-    harmful = torch.tensor([it.label == "harmful" for it in items])[prompt]
     _, dim_record = load_direction(paths.directions_dir)
+    build_ids = set(dim_record["parts"]["build"]["items"])  # the prompts DIM's difference in means is built on
+    in_build = torch.tensor([it.id in build_ids for it in items])
+    post = (index["post_instruction"] != 0) & in_build[index["prompt_index"]]
+    prompt = index["prompt_index"][post]
+    harmful = torch.tensor([it.label == "harmful" for it in items])[prompt]
     chosen_key, why = steer_tuple(params, int(dim_record["chosen"]["layer"]))
 
     per_tuple: list[dict[str, Any]] = []

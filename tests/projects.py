@@ -16,10 +16,10 @@ GIT_ENV = {"GIT_AUTHOR_NAME": "sasgate test", "GIT_AUTHOR_EMAIL": "test@sasgate.
 
 # A pipeline small enough for CI, with a real refusal behaviour: a 3-layer organism trained just enough to
 # refuse (held-out refusal 1.0 harmful / 0.02 harmless), 2 tuples, a few thousand SAE training tokens. Its DIM
-# direction works (addition +88 points on harmless, ablation -47 on harmful), its tiny SAEs give SAS nothing,
-# and both behaviour gates pass: 32 scored generations per condition (>= validity.min_samples 30), all 4
-# (seed, paraphrase set) cells agree. The 3-layer model's ablation moves harmless logits more than a big
-# model's, hence directions.kl_threshold 0.5; L0.resid_pre sees the same post-instruction tokens for every
+# direction works on the eval split (see tests/test_behaviour_pipeline.py for what is asserted), and both
+# behaviour gates pass with 8 eval source prompts per class (validity.min_samples 8). The 3-layer model's
+# interventions move its next-token distributions more than a big model's, hence directions.kl_threshold 0.5
+# and a side-effect budget of 1 nat per token; L0.resid_pre sees the same post-instruction tokens for every
 # prompt (no class difference to steer with), hence the explicit SAS tuple.
 SMALL = {
     "model": {"toy": {"n_layers": 3, "d_model": 32, "n_heads": 2, "d_mlp": 64, "n_ctx": 48,
@@ -32,9 +32,9 @@ SMALL = {
     "reconstruction": {"bootstrap_samples": 50},
     "directions": {"kl_threshold": 0.5},
     "features": {"steer_tuple": "L1.resid_post"},
-    "steer": {"add_coefficients": [1.0, 2.0], "ablate_coefficients": [0.5, 1.0], "seeds": [0, 1],
+    "steer": {"add_strengths": [0.5, 1.0, 2.0], "ablate_strengths": [0.5, 1.0], "seeds": [0, 1],
               "max_new_tokens": 6},
-    "validity": {"min_samples": 30, "bootstrap_samples": 200},
+    "validity": {"min_samples": 8, "side_effect_budget": 1.0, "bootstrap_samples": 200},
 }
 
 

@@ -12,10 +12,11 @@ import pytest
 import yaml
 
 from projects import copy_project, dvc, merge
+from sasgate.artifacts import sha256_file
 
 pytestmark = pytest.mark.slow
 
-BEHAVIOUR_STAGES = ("directions", "features", "steer", "score", "validity", "stability")
+BEHAVIOUR_STAGES = ("directions", "features", "calibrate", "steer", "score", "validity", "stability")
 
 
 def read(root, rel):
@@ -35,18 +36,28 @@ def test_small_pipeline_runs_the_behaviour_stages_and_both_gates_pass(reproduced
     assert set(BEHAVIOUR_STAGES) <= set(lock)
     for stage in BEHAVIOUR_STAGES:
         assert verify_manifest(root / "manifests" / f"{stage}.json", root) == [], stage
-    assert read(root, "gates/behaviour.json")["status"] == "pass"
+    gate = read(root, "gates/behaviour.json")
+    assert gate["status"] == "pass" and gate["outcome"] in ("holds", "fails", "inconclusive")
+    assert [(c["kind"], c["operator"]) for c in gate["comparisons"]] == [("induce", "addition"),
+                                                                         ("bypass", "directional_ablation")]
+    assert all(c["n_units"] == 8 and c["strength_chosen_on"] == "selection" for c in gate["comparisons"])
     stability = read(root, "gates/stability.json")
     assert stability["status"] == "pass" and len(stability["details"]["cells"]) == 4  # 2 seeds x 2 paraphrase sets
+    assert len(stability["details"]["split_half"]) == 2
     # the organism's refusal direction is real: DIM moves refusal both ways on the eval split
     acceptance = read(root, "metrics/score.json")["acceptance"]
     assert acceptance["dim_add_harmless_increase_pp"] >= 50 and acceptance["dim_ablate_harmful_decrease_pp"] >= 25
-    side = read(root, "artifacts/steer/side_effects.json")["settings"]
-    assert {(s["intervention"], s["coefficient"]) for s in side} >= {("dim_add", 2.0), ("sas_ablate", 1.0)}
-    assert all(s["kl_harmless"] >= 0 and s["kl_harmful"] >= 0 and s["perplexity"] > 0 for s in side)
-    # every generation is on the eval split and names the setting that produced it
+    strengths = read(root, "artifacts/calibrate/strengths.json")
+    side = read(root, "artifacts/steer/side_effects.json")
+    assert side["strengths_sha256"] == sha256_file(root / "artifacts/calibrate/strengths.json")
+    assert {(s["arm"], s["strength"]) for s in side["settings"]} >= {("dim_add", 2.0), ("sas_latent_ablate", 1.0)}
+    assert all(s["kl"]["harmless"] >= 0 and s["kl"]["harmful"] >= 0 for s in side["settings"])
+    assert {c["strength"] for c in strengths["choices"].values()} <= {None, 0.5, 1.0, 2.0}
+    # every eval generation is on the eval split; every calibration generation on the selection split
     rows = [json.loads(line) for line in (root / "artifacts/steer/generations.jsonl").read_text().splitlines()]
     assert {r["split"] for r in rows} == {"eval"} and {r["seed"] for r in rows} == {0, 1}
+    cal = [json.loads(line) for line in (root / "artifacts/calibrate/scores.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in cal} == {"selection"}
 
 
 def test_validity_gate_fails_on_v1_and_on_min_samples_above_the_data(reproduced_small, tmp_path):
@@ -57,12 +68,13 @@ def test_validity_gate_fails_on_v1_and_on_min_samples_above_the_data(reproduced_
     assert gate["status"] == "fail" and gate["details"]["checks"]["scorer_agreement"]["pass"] is False
     assert "scorer v1 agrees with the check set" in gate["reason"]
 
-    set_params(root, {"score": {"version": "v2"}, "validity": {"min_samples": 33}})  # SMALL has 32 per condition
+    # SMALL has 32 generations per condition but 8 source prompts: the resampling unit is the source
+    set_params(root, {"score": {"version": "v2"}, "validity": {"min_samples": 9}})
     res = dvc(root, "repro", "validity")
-    assert "Running stage 'steer'" not in res.stdout  # only the scorer and the gate re-run
+    assert "Running stage 'steer'" not in res.stdout and "Running stage 'calibrate'" not in res.stdout
     gate = read(root, "gates/behaviour.json")
     assert gate["status"] == "fail" and read(root, "metrics/validity.json")["failed_checks"] == ["min_samples"]
-    assert "fewer than 33 samples (smallest 32)" in gate["reason"]
+    assert "8 source prompts, fewer than 9" in gate["reason"]
 
 
 def test_editing_a_released_scorer_makes_score_fail_with_exit_7(reproduced_small, tmp_path):
@@ -82,9 +94,10 @@ def test_plots_show_writes_one_page_with_every_behaviour_plot(reproduced_small, 
     page = (tmp_path / "plots" / "index.html").read_text()
     assert "index.html" in res.stdout + res.stderr
     for title in ("Induce: refusal rate on harmless eval prompts", "Bypass: refusal rate on harmful eval prompts",
-                  "Stability grid", "Scorer agreement with the labelled check set", "Side effects"):
+                  "Stability:", "Scorer agreement with the labelled check set", "Side effects"):
         assert title in page, title
     assert '"type": "errorband"' in page  # the CI bands of .dvc/plots/ci_band.json
     induce = read(reproduced_small, "plots/steering_induce.json")
-    assert [(r["method"], r["coefficient"]) for r in induce] == [(m, c) for m in ("DIM", "SAS") for c in (0.0, 1.0, 2.0)]
+    assert [(r["method"], r["strength"]) for r in induce] == [
+        (m, c) for m in ("DIM addition", "SAS addition") for c in (0.0, 0.5, 1.0, 2.0)]
     assert all(r["lo"] <= r["rate"] <= r["hi"] for r in induce)

@@ -101,8 +101,8 @@ def test_findings_name_file_line_and_claim():
 
 def test_only_disallowed_claims_are_checked():
     text = "Feature 12 encodes refusal. SAS matches DIM within the margin."
-    assert [f.claim for f in lint_text(text, MECH + ["behaviour-decision-valid"])] == [
-        "mechanism-sas-features", "behaviour-decision-valid"]
+    assert [f.claim for f in lint_text(text, MECH + ["sas-matches-dim"])] == [
+        "mechanism-sas-features", "sas-matches-dim"]
     passed = decide({"behaviour": behaviour(), "stability": stability(), "reconstruction": reconstruction(0.05, 0.05),
                      "remediation": remediation("not_needed")}, TUPLES)
     assert lint_text(text, [c.id for c in passed.claims.disallowed]) == []

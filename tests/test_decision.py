@@ -1,4 +1,4 @@
-"""The decision state machine: every row of DESIGN.md's table, the claim rules, determinism, the schema."""
+"""The decision state machine: every row of ARCHITECTURE.md's table, the claim rules, determinism, the schema."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from sasgate.decision import (
     render_claims_md,
     write_decision,
 )
-from sasgate.errors import ArtifactError
+from sasgate.errors import ArtifactError, RecordConsistencyError
 from sasgate.gates import write_gate
 
-# DESIGN.md "Decision states", copied by hand: the code's table must say exactly this.
+# ARCHITECTURE.md "The decision table", copied by hand: the code's table must say exactly this.
 DESIGN_TABLE = [
     ("fail", "any", "any", "behaviour_invalid", False, "hold"),
     ("pass", "pass", "not_needed", "mechanism_claims_authorized", True, "advance"),
@@ -46,11 +46,14 @@ def test_state_table_is_designs_table():
 
 
 # Every combination the table decides, each labelled with the row it must land on.
+# Consistent (reconstruction, remediation) pairs: a remediation follows from the reconstruction it remediates.
+CONSISTENT = [(rc, rm) for rc, rm in itertools.product(RECON, REMED)
+              if rm == "absent" or (rc == "pass" and rm == "not_needed") or (rc == "fail" and rm != "not_needed")]
 ROW_CASES = [
-    # row 1: a failing or missing behaviour-level gate, whatever reconstruction and remediation say
+    # row 1: a failing or missing behaviour-level gate, whatever (consistent) reconstruction and remediation say
     *[(1, (b, s, rc, rm)) for b, s in (("fail", "pass"), ("pass", "fail"), ("absent", "pass"), ("pass", "absent"),
                                        ("fail", "fail"))
-      for rc, rm in itertools.product(RECON, REMED)],
+      for rc, rm in CONSISTENT],
     (2, ("pass", "pass", "pass", "not_needed")),
     (3, ("pass", "pass", "fail", "found")),
     *[(4, ("pass", "pass", "fail", f"stopped:{k}")) for k in ("K1", "K2", "K3")],
@@ -69,15 +72,17 @@ def test_every_row_has_a_case():
     assert {r for r, _ in ROW_CASES} == set(range(1, len(STATE_TABLE) + 1))
 
 
-@pytest.mark.parametrize("case, named", [
-    (("pass", "pass", "fail", "absent"), "a gate record is missing"),
-    (("pass", "pass", "absent", "not_needed"), "a gate record is missing"),
-    (("pass", "pass", "fail", "not_needed"), "contradict"),
-    (("pass", "pass", "pass", "stopped:K2"), "contradict"),
-    (("pass", "pass", "pass", "found"), "contradict"),
+@pytest.mark.parametrize("case, error, named", [
+    (("pass", "pass", "fail", "absent"), ArtifactError, "a gate record is missing"),
+    (("pass", "pass", "absent", "absent"), ArtifactError, "a gate record is missing"),
+    (("pass", "pass", "absent", "not_needed"), RecordConsistencyError, "without the reconstruction record"),
+    (("pass", "pass", "fail", "not_needed"), RecordConsistencyError, "remediation gate record, status"),
+    (("pass", "pass", "pass", "stopped:K2"), RecordConsistencyError, "remediation gate record, status"),
+    (("pass", "pass", "pass", "found"), RecordConsistencyError, "nothing to remediate"),
+    (("fail", "pass", "pass", "found"), RecordConsistencyError, "nothing to remediate"),  # row 1 too: refused
 ])
-def test_records_no_row_matches_are_an_error_naming_why(case, named):
-    with pytest.raises(ArtifactError, match=named):
+def test_records_no_row_matches_are_an_error_naming_why(case, error, named):
+    with pytest.raises(error, match=named):
         decide(records(*case), TUPLES)
 
 
@@ -90,6 +95,7 @@ def test_stopped_by_and_coverage_come_from_the_remediation_record():
 def test_conditional_hold_reopens_on_the_failing_tuples_and_on_unavailable_families():
     recs = records(recon="fail", remed="stopped:K2")
     recs["reconstruction"] = reconstruction(0.05, 0.2)  # only the second tuple fails
+    recs["remediation"] = remediation("stopped", "K2", failing=(1,))
     d = decide(recs, TUPLES)
     kinds = [c.kind for c in d.reopen_conditions]
     assert kinds == ["sae_coverage", "family_unavailable"]
@@ -131,13 +137,44 @@ def test_mechanism_and_causal_claims_need_reconstruction():
         assert bool({"mechanism-sas-features", "causal-sas-features"} & got) is ok, case
 
 
-@pytest.mark.parametrize("declared, stable, ok", [(None, None, False), (0, 0, False), (2, 1, False), (2, 2, True)])
-def test_unconstrained_robustness_needs_stability_over_every_declared_paraphrase_family(declared, stable, ok):
+@pytest.mark.parametrize("declared, stable, ok", [(None, None, False), (0, 0, False), (4, 3, False), (2, 2, True)])
+def test_robustness_is_claimed_only_for_the_tested_families_and_never_unconstrained(declared, stable, ok):
+    """Old rule: every declared family stable allowed 'robust to rewording without restriction'. Now that claim is
+    never allowed, and the scoped claim names each family with how it was made."""
     recs = records()
     recs["stability"] = stability("pass", declared, stable)
-    assert ("robustness-unconstrained" in allowed(decide(recs, TUPLES))) is ok
+    assert recs["stability"].status == "pass"  # (4, 3): 8 of 10 cells agree, the gate passes, one family does not
+    d = decide(recs, TUPLES)
+    assert ("robustness-tested-families" in allowed(d)) is ok
+    never = next(c for c in d.claims.disallowed if c.id == "robustness-unconstrained")
+    assert "never allowed" in never.because and "no finite set" in never.because
+    if ok:
+        scoped = next(c for c in d.claims.allowed if c.id == "robustness-tested-families")
+        assert "set 1: template 1 (held out from training: no; from selection: no)" in scoped.because
     recs["stability"] = stability("fail", declared, stable)
-    assert "robustness-unconstrained" not in allowed(decide(recs, TUPLES))
+    assert not {"robustness-tested-families", "robustness-unconstrained"} & allowed(decide(recs, TUPLES))
+
+
+@pytest.mark.parametrize("cis, outcome, claim", [
+    (((-0.05, 0.05), (-0.02, 0.08)), "holds", "sas-matches-dim"),
+    (((-0.05, 0.05), (-0.40, -0.20)), "fails", "sas-falls-short-of-dim"),
+    (((-0.05, 0.05), (-0.15, -0.02)), "inconclusive", None),  # point estimate -0.085 >= -0.1: the old rule held
+])
+def test_the_outcome_claims_follow_the_three_valued_outcome(cis, outcome, claim):
+    recs = {**records(recon="fail", remed="stopped:K2"), "behaviour": behaviour(cis=cis)}
+    d = decide(recs, TUPLES)
+    assert d.gates["behaviour"].outcome == outcome
+    got = allowed(d) & {"sas-matches-dim", "sas-falls-short-of-dim"}
+    assert got == ({claim} if claim else set())
+
+
+def test_the_behaviour_gates_key_figure_is_what_its_metric_label_says():
+    """Old record: metric 'scorer_agreement >= 0.95' printed next to the SAS - DIM difference."""
+    recs = {**records(recon="fail", remed="stopped:K2"), "behaviour": behaviour(cis=((-0.9, -0.7), (-0.9, -0.7)))}
+    g = decide(recs, TUPLES).gates["behaviour"]
+    assert (g.metric, g.key_figure, g.threshold, g.outcome) == ("scorer_agreement", 0.99, 0.95, "fails")
+    md = render_claims_md(decide(recs, TUPLES))
+    assert "| behaviour | pass | 0.99 | scorer_agreement >= 0.95 | fails |" in md
 
 
 @pytest.mark.parametrize("row, case", ROW_CASES[::7] + ROW_CASES[-5:])
@@ -158,8 +195,8 @@ def test_every_finding_is_either_allowed_or_disallowed_and_limitations_only_when
 
 def test_the_study_state_claims_and_nothing_more():
     d = decide(records(recon="fail", remed="stopped:K2"), TUPLES)
-    assert allowed(d) == {"behaviour-decision-valid", "behaviour-stable-as-tested", "limitation-reconstruction",
-                          "limitation-remediation-stopped"}
+    assert allowed(d) == {"behaviour-decision-valid", "behaviour-stable-as-tested", "sas-matches-dim",
+                          "limitation-reconstruction", "limitation-remediation-stopped"}
     assert {c.id for c in d.claims.disallowed} == set(FINDINGS) - allowed(d)
 
 
@@ -216,7 +253,7 @@ def test_claims_md_has_the_four_sections_in_order_and_is_deterministic():
 
 
 def test_decide_checks_its_inputs():
-    with pytest.raises(ArtifactError, match="covers tuples"):
+    with pytest.raises(RecordConsistencyError, match="per_tuple"):
         decide(records(), TUPLES[:1])
     with pytest.raises(ArtifactError, match="is the 'stability' gate"):
         decide({**records(), "behaviour": stability()}, TUPLES)
@@ -224,6 +261,7 @@ def test_decide_checks_its_inputs():
         decide({**records(), "vibes": gate("vibes", "pass")}, TUPLES)
     bad = remediation("stopped")
     bad_details = {**bad.details, "stopped_by": None}
-    with pytest.raises(ArtifactError, match="no stopped_by rule"):
+    with pytest.raises(RecordConsistencyError, match="stopped_by"):
         decide({**records(recon="fail"), "remediation": gate("remediation", "fail", per_tuple=[
-            r.model_dump(mode="json") for r in bad.per_tuple], details=bad_details)}, TUPLES)
+            r.model_dump(mode="json") for r in bad.per_tuple], details=bad_details, metric="nmse", threshold=0.12,
+            comparison="<=")}, TUPLES)

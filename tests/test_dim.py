@@ -77,8 +77,8 @@ def test_rule_discards_late_layers_high_kl_and_no_induction_then_takes_lowest_ab
     dp = DirectionsParams()  # kl 0.1, last 20%, induce >= 0
     cands = [_cand(0, ablation=-1.0), _cand(1, kl=0.5, ablation=-9.0), _cand(2, induce=-0.5, ablation=-8.0),
              _cand(3, ablation=-2.0), _cand(4, ablation=-7.0)]  # 5 layers: layer 4 is the last 20%
-    annotated, chosen = dim.select(cands, 5, dp)
-    assert chosen == 3 and annotated[3]["chosen"] and sum(c["chosen"] for c in annotated) == 1
+    annotated, chosen, satisfied = dim.select(cands, 5, dp)
+    assert satisfied and chosen == 3 and annotated[3]["chosen"] and sum(c["chosen"] for c in annotated) == 1
     assert [c["kept"] for c in annotated] == [True, False, False, True, False]
     assert "KL 0.5 > 0.1" in annotated[1]["reasons"][0]
     assert "does not induce refusal" in annotated[2]["reasons"][0]
@@ -91,13 +91,17 @@ def test_rule_constants_come_from_params():
     assert dim.select(cands, 4, DirectionsParams(kl_threshold=0.3))[1] == 1
 
 
-def test_no_surviving_candidate_is_a_selection_error_naming_why():
+def test_no_surviving_candidate_is_flagged_with_the_nearest_and_no_scorable_one_is_a_selection_error():
+    """Old rule: no survivor stopped the pipeline (exit 9) before any decision; a model that does not refuse then
+    had no decision at all. Now the nearest candidate is kept, flagged, and the behaviour gate fails on it."""
     cands = [{**_cand(0), "kl": None, "induce_score": None, "ablation_score": None}, _cand(1, kl=1.0, induce=-1.0),
              _cand(2, kl=1.0)]
-    with pytest.raises(SelectionError, match=r"no DIM candidate survives.*nearest: L2 pos -1: ablation moves harmless "
-                                             r"next-token distributions by KL 1 > 0.1\)"):
-        dim.select(cands, 4, DirectionsParams())
+    annotated, chosen, satisfied = dim.select(cands, 4, DirectionsParams())
+    assert (chosen, satisfied) == (2, False) and annotated[2]["chosen"]
+    assert annotated[2]["reasons"] == ["ablation moves harmless next-token distributions by KL 1 > 0.1"]
     assert dim.discard_reasons(cands[0], 4, DirectionsParams()) == ["unscored: the direction is zero or not finite"]
+    with pytest.raises(SelectionError, match="no DIM candidate could be scored"):
+        dim.select(cands[:1], 4, DirectionsParams())
 
 
 # --------------------------------------------------------------------------- hooks on the real model

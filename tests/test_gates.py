@@ -71,7 +71,7 @@ def test_missing_per_tuple_field_is_rejected():
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda r: r.update(schema="sasgate.gate/2"), "schema is 'sasgate.gate/2'"),
+    (lambda r: r.update(schema="sasgate.gate/1"), "schema is 'sasgate.gate/1'"),
     (lambda r: r.update(status="maybe"), "status"),
     (lambda r: r["per_tuple"][0].update(ci95=[0.2, 0.1]), "lo <= hi"),
     (lambda r: r.update(inputs={"/abs/path": DIGEST}), "relative to the project root"),

@@ -35,10 +35,11 @@ def test_original_study_yields_exactly_its_final_state_and_claim_lists():
     assert (d.active_path, d.phase_movement_authorized, d.decision_state) == (
         "limitation_lock_for_current_phase", False, "conditional_hold")
     assert [c.id for c in d.claims.allowed] == rec.expected.allowed == [
-        "behaviour-decision-valid", "behaviour-stable-as-tested", "limitation-reconstruction",
+        "behaviour-decision-valid", "behaviour-stable-as-tested", "sas-matches-dim", "limitation-reconstruction",
         "limitation-remediation-stopped"]
     assert [c.id for c in d.claims.disallowed] == rec.expected.disallowed
-    assert {"mechanism-sas-features", "causal-sas-features", "phase-advance"} <= set(rec.expected.disallowed)
+    assert {"mechanism-sas-features", "causal-sas-features", "phase-advance",
+            "robustness-unconstrained"} <= set(rec.expected.disallowed)
     assert d.stopped_by.id == "K2" and d.coverage == {"A": "0/4", "B": "0/4"}
     assert len(d.reopen_conditions) == 1 and len(d.reopen_conditions[0].required_tuples) == 4
     g = d.gates["reconstruction"]
