@@ -24,7 +24,7 @@ Exit codes:
   6  unreadable data source
   7  a released scorer version's code changed (add a new version instead)
   8  remediation without a preregistration, or the stop rules changed after it
-  10 sasgate watch: the reopen condition is newly met (see sasgate watch --help)
+  10 sasgate watch: the reopen condition is met and not yet reported (see sasgate watch --help)
   75 sasgate watch: the Hub could not be read; nothing was claimed or written
 """
 

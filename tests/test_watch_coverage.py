@@ -178,3 +178,18 @@ def test_the_registry_own_gpt2_small_saes_cover_a_gpt2_tuple():
     labels = [m.descriptor.label for m in report.tuples[0].matches]
     assert "gpt2-small-res-jb/blocks.8.hook_resid_pre" in labels, labels[:5]
     assert {m.descriptor.model for m in report.tuples[0].matches} >= {"gpt2-small"}
+
+
+def test_watch_help_states_every_exit_code_and_the_rules():
+    from click.testing import CliRunner
+
+    from sasgate.cli import main
+
+    res = CliRunner().invoke(main, ["watch", "--help"], terminal_width=200)
+    assert res.exit_code == 0
+    text = " ".join(res.output.split())
+    for line in ("0 polled;", "10 the reopen condition is met and not yet reported", "75 the Hub could not be read",
+                 "a request stalled past watch.timeout_s", "is a skip, read again on every poll, never a 75",
+                 "2 usage or config error", "5 --evaluate without the project's eval activations",
+                 "1 the report could not be written out", "aliases, owner included", "at most watch.timeout_s"):
+        assert line in text, line

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from sasgate.params import Params
 
 WATCH_EXIT_CODES = """\b
 Exit codes:
@@ -40,9 +43,11 @@ Exit codes:
 def watch(**kwargs: Any) -> None:
     """Poll the sae-lens registry and the Hub once for SAE releases that cover the required tuples.
 
-    Reads what changed since the last poll (repos whose sha is unchanged are not re-read), reports
-    the coverage k/N per tuple and what is new, and keeps its state in a JSON file written
-    atomically under a file lock. The first poll of a state file records the lock-time baseline.
+    Reads what changed since the last poll (repos whose sha is unchanged are not read again, unless
+    the Hub refused them last time), reports the coverage k/N per tuple and what is new, and keeps
+    its state in a typed JSON file written atomically under a file lock held for the whole run. The
+    first poll of a state file records the lock-time baseline. Model names are resolved through
+    transformer-lens's aliases, owner included. Every Hub request waits at most watch.timeout_s.
     HF_ENDPOINT (a mirror) and HF_TOKEN are respected.
     """
     from sasgate.cli import fails_cleanly
@@ -82,7 +87,7 @@ def _watch(params_file: str, decision_file: str | None, state_file: str | None, 
     sys.exit(report["exit_code"])
 
 
-def _evaluation(report: dict[str, Any], params: Any) -> dict[str, Any]:
+def _evaluation(report: dict[str, Any], params: "Params") -> dict[str, Any]:
     """--evaluate; when it cannot finish, its own error (and exit code) says the reopen stays pending."""
     from sasgate.errors import SasgateError
     from sasgate.paths import Paths

@@ -85,12 +85,11 @@ def _fresh(report: CoverageReport, baseline: dict[Source, set[str]], polled: set
 def _reopen(prev: WatchState | None, required: list[TupleRef], met: bool, now: str) -> Reopen:
     """The reopen record: what the previous poll knew carries over while the condition stays met
     for the same tuples; otherwise it starts again (not reported, not notified)."""
-    was = prev.reopen if prev is not None and prev.required == required and prev.reopen.met else None
     if not met:
         return Reopen(met=False, since=None, reported=False, notified=False)
-    if was is None:
-        return Reopen(met=True, since=now, reported=False, notified=False)
-    return was
+    if prev is not None and prev.required == required and prev.reopen.met:
+        return prev.reopen
+    return Reopen(met=True, since=now, reported=False, notified=False)
 
 
 def poll(req: Sequence[Required], settings: WatchParams, constraints: SaeConstraintParams, opts: PollOptions
