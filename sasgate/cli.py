@@ -25,7 +25,7 @@ Exit codes:
   7  a released scorer version's code changed (add a new version instead)
   8  remediation without a preregistration, or the stop rules changed after it
   9  nothing to steer with (no DIM candidate can be scored, no SAE latent separates the classes)
-  10 sasgate watch: the reopen condition is newly met (see sasgate watch --help)
+  10 sasgate watch: the reopen condition is met and not yet reported (see sasgate watch --help)
   11 a gate record contradicts its own rows or another record (decide refuses)
   75 sasgate watch: the Hub could not be read; nothing was claimed or written
 """

@@ -23,7 +23,7 @@ F32 = 4
 INDEX_BYTES_PER_TOKEN = 25  # token index: prompt_index, position, post_instruction (int64) + is_bos (uint8)
 GENERATION_BYTES = 200  # one generations.jsonl row (ids, settings, completion)
 HUB_TOKENS_PER_PROMPT = 48  # assumed prompt length (chat template included) when the set is not resolved
-_WIDTH = re.compile(r"width_(\d+)([km]?)", re.IGNORECASE)
+_WIDTH = re.compile(r"width_(\d+[km]?)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -119,10 +119,10 @@ def prompt_tokens(params: Params, tokens_per_prompt: int | None) -> tuple[dict[s
 def sae_width(params: Params, spec: dict[str, str], d_model: int) -> int | None:
     if spec["kind"] == "train":
         return d_model * params.saes.train.expansion_factor
+    from sasgate.watch.layouts import gemma_scope_width  # the one width rule (65k is 2^16)
+
     m = _WIDTH.search(spec.get("sae_id") or spec.get("path") or spec.get("dir") or "")
-    if not m:
-        return None
-    return int(m[1]) * {"": 1, "k": 1024, "m": 1024**2}[m[2].lower()]
+    return gemma_scope_width(m[1]) if m else None
 
 
 def _sae_bytes(d_model: int, width: int) -> int:

@@ -36,6 +36,7 @@ import torch
 
 from .artifacts import atomic_write_json, canonical_json, is_pickle_name, read_json, sha256_file
 from .errors import ArtifactError, ParamsError
+from .model_names import same_model
 from .params import TOY_MODEL, Params, SaeTrainParams, TupleParams
 from .paths import Paths
 
@@ -199,7 +200,8 @@ def check_sae_fits(sae: "SAE", tp: TupleParams, d_model: int, model_name: str) -
         "sae_hook_name": sae_hook,
         "sae_model_name": sae_model,
         # e.g. a Gemma Scope SAE trained on gemma-2-2b applied to gemma-2-2b-it: allowed, but on record
-        "model_match": None if not sae_model else (str(sae_model).split("/")[-1] == model_name.split("/")[-1]),
+        # (one model identity rule: transformer-lens aliases, owner included; sasgate.model_names)
+        "model_match": None if not sae_model else same_model(str(sae_model), model_name),
     }
 
 

@@ -138,10 +138,11 @@ def enumerate_family(fam_id: str, fam: RemediationFamilyParams, params: Params, 
         descriptors, how = coverage.descriptors_for(fam.source, params, paths, fam)
     except coverage.Unreachable as exc:
         return FamilyResult(False, f"{HUB_UNREACHABLE} ({exc})")
-    report = coverage.match(coverage.required(params), descriptors, params.remediation.constraints)
+    req = coverage.required(params)
+    report = coverage.match(req, descriptors, params.remediation.constraints)
     cands: dict[str, list[Candidate]] = {}
-    for tp in params.tuples:
-        found = report.covering(tp)
+    for tp, r in zip(params.tuples, req):
+        found = report.covering(r)
         cands[tp.key] = sorted((Candidate(fam_id, tp.key, d.label, d.spec) for d in found), key=lambda c: c.id)
     return FamilyResult(True, how, cands, report.skipped)
 

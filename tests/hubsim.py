@@ -9,11 +9,20 @@ tree, head, file) so a test can check what a poll asked for.
 A scenario (tests/hub_scenarios/*.json):
   {"page_size": 2,                         # listing page size (default 1000)
    "repos": [{"id": "org/name", "sha": "<40 hex>", "lastModified": "2026-01-01T00:00:00.000Z",
-              "tags": [...], "library_name": "...", "gated": false,  # gated: 403 GatedRepo on tree/files
+              "tags": [...], "library_name": "...",
+              "access": "gated" | "private" | "disabled" | "gone",  # default: public
+              "authorized": ["hf_token", ...],   # tokens that may read a gated or private repo
               "files": {"path": {"json": {...}} | {"text": "..."} | {"bytes": 1234} | {"file": "/local/file"}}}],
-   "faults": [{"kind": "list" | "tree" | "file" | "any", "page": 2, "repo": "org/name",
-               "status": 500, "retry_after": 1, "truncate": true, "times": 1}]}
-`times` (default: always) bounds how often a fault fires; `truncate` cuts the JSON body in half.
+   "faults": [{"kind": "list" | "tree" | "head" | "file" | "any", "page": 2, "repo": "org/name",
+               "status": 500, "retry_after": 1, "truncate": true, "stall": "no_answer" | "mid_body",
+               "times": 1}]}
+Access as on the Hub: a gated repo lists its tree but answers file requests with 403
+`X-Error-Code: GatedRepo` unless the request's `Authorization: Bearer <token>` is authorized; a
+private one answers everything with 401 `X-Error-Code: RepoNotFound`; a disabled one with 403
+`X-Error-Message: Access to this resource is disabled.`; a gone one (listed, then deleted) with
+404 `RepoNotFound`. `times` (default: always) bounds how often a fault fires; `truncate` cuts
+the JSON body in half; `stall` accepts the request and never answers (`no_answer`) or sends the
+headers and half the body (`mid_body`), then holds the connection open until the server stops.
 """
 
 from __future__ import annotations
@@ -56,7 +65,9 @@ class HubSim:
 
     def __init__(self, scenario: dict[str, Any] | str):
         self.lock = threading.Lock()
+        self.released = threading.Event()  # set on exit: stalled answers end
         self.counts: Counter[str] = Counter()
+        self.by_repo: Counter[tuple[str, str]] = Counter()  # (kind, repo) for tree, head and file requests
         self.set_scenario(scenario)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
@@ -73,12 +84,14 @@ class HubSim:
             self.repos = {r["id"]: r for r in sc.get("repos", [])}
             self.faults = [dict(f) for f in sc.get("faults", [])]
             self.counts.clear()
+            self.by_repo.clear()
 
     def __enter__(self) -> "HubSim":
         self.thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self.released.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -139,20 +152,56 @@ def _handler(sim: HubSim) -> type[BaseHTTPRequestHandler]:
             pass
 
         def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
-                  head: bool = False) -> None:
+                  head: bool = False, stall: dict[str, Any] | None = None) -> None:
+            if self._stall(stall, "no_answer"):
+                return
             self.send_response(status)
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            if not head:
-                self.wfile.write(body)
+            if head:
+                return
+            if stall and stall.get("stall") == "mid_body":
+                self.wfile.write(body[: len(body) // 2])
+                self._stall(stall, "mid_body")
+                return
+            self.wfile.write(body)
+
+        def _refused(self, repo: dict[str, Any], head: bool = False, files: bool = False) -> bool:
+            """Answer as the Hub does for a repo this request may not read; False when it may."""
+            access = repo.get("access", "public")
+            token = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            if access in ("gated", "private") and token in repo.get("authorized", []):
+                return False
+            headers = {"Content-Type": "application/json"}
+            if access == "gated" and files:
+                status, headers["X-Error-Code"] = 403, "GatedRepo"
+            elif access == "private":
+                status, headers["X-Error-Code"] = 401, "RepoNotFound"
+            elif access == "disabled":
+                status, headers["X-Error-Message"] = 403, "Access to this resource is disabled."
+            elif access == "gone":
+                status, headers["X-Error-Code"] = 404, "RepoNotFound"
+            else:
+                return False
+            self._send(status, json.dumps({"error": access}).encode(), headers, head)
+            return True
 
         def _json(self, obj: Any, headers: dict[str, str] | None = None, fault: dict[str, Any] | None = None) -> None:
             body = json.dumps(obj).encode()
             if fault and fault.get("truncate"):
                 body = body[: len(body) // 2]
-            self._send(200, body, {"Content-Type": "application/json", **(headers or {})})
+            self._send(200, body, {"Content-Type": "application/json", **(headers or {})}, stall=fault)
+
+        def _stall(self, fault: dict[str, Any] | None, when: str) -> bool:
+            """Hold the connection open without (the rest of) an answer until the server stops."""
+            if not fault or fault.get("stall") != when:
+                return False
+            self.wfile.flush()
+            sim.released.wait(600)
+            self.close_connection = True
+            return True
 
         def _error(self, fault: dict[str, Any], head: bool = False) -> None:
             headers = {"Content-Type": "application/json"}
@@ -205,6 +254,8 @@ def _handler(sim: HubSim) -> type[BaseHTTPRequestHandler]:
             if tail[:1] == ["tree"]:
                 return self._tree(repo, tail[1], "/".join(tail[2:]), q)
             sim.counts["info"] += 1
+            if self._refused(repo):
+                return None
             rev = tail[1] if tail[:1] == ["revision"] else "main"
             if rev not in ("main", repo["sha"]):
                 return self._not_found("RevisionNotFound")
@@ -212,15 +263,10 @@ def _handler(sim: HubSim) -> type[BaseHTTPRequestHandler]:
                         "lastModified": repo.get("lastModified"),
                         "siblings": [{"rfilename": p} for p in sorted(repo.get("files", {}))]})
 
-        def _gated(self, repo: dict[str, Any], head: bool = False) -> bool:
-            if repo.get("gated"):
-                self._send(403, b'{"error": "gated"}', {"Content-Type": "application/json",
-                                                         "X-Error-Code": "GatedRepo"}, head)
-            return bool(repo.get("gated"))
-
         def _tree(self, repo: dict[str, Any], rev: str, prefix: str, q: dict[str, list[str]]) -> None:
             sim.counts["tree"] += 1
-            if self._gated(repo):
+            sim.by_repo["tree", repo["id"]] += 1
+            if self._refused(repo):
                 return None
             fault = sim.fault("tree", repo=repo["id"])
             if fault and "status" in fault:
@@ -236,13 +282,15 @@ def _handler(sim: HubSim) -> type[BaseHTTPRequestHandler]:
             self._json(entries[start: start + 1000], headers, fault)
 
         def _file(self, repo_id: str, rev: str, path: str, head: bool) -> None:
-            sim.counts["head" if head else "file"] += 1
+            kind = "head" if head else "file"
+            sim.counts[kind] += 1
+            sim.by_repo[kind, repo_id] += 1
             repo = sim.repos.get(repo_id)
             if repo is None:
                 return self._not_found("RepoNotFound", head)
-            if self._gated(repo, head):
+            if self._refused(repo, head, files=True):
                 return None
-            fault = sim.fault("file", repo=repo_id)
+            fault = sim.fault(kind, repo=repo_id)
             if fault and "status" in fault:
                 return self._error(fault, head)
             if rev not in ("main", repo["sha"]):
@@ -252,7 +300,7 @@ def _handler(sim: HubSim) -> type[BaseHTTPRequestHandler]:
             body = file_bytes(repo["files"][path])
             etag = hashlib.sha256(body).hexdigest()
             self._send(200, body, {"X-Repo-Commit": repo["sha"], "ETag": f'"{etag}"',
-                                   "Content-Type": "application/octet-stream"}, head)
+                                   "Content-Type": "application/octet-stream"}, head, stall=fault)
 
     return Handler
 

@@ -57,11 +57,7 @@ def _repo(root, names: list[str], sha: str) -> dict:
             "files": files}
 
 
-@pytest.mark.slow
-def test_evaluate_reports_whether_the_reopened_path_would_pass(tmp_path):
-    root = tmp_path
-    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    paths = Paths.at(root)
+def _eval_activations(paths: Paths) -> None:
     n = 30 * 4
     prompt = torch.arange(30).repeat_interleave(4)
     position = torch.arange(4).repeat(30)
@@ -71,29 +67,48 @@ def test_evaluate_reports_whether_the_reopened_path_would_pass(tmp_path):
         "post_instruction": torch.zeros(n, dtype=torch.long)})
     save_file({"acts": torch.randn(n, D, generator=torch.Generator().manual_seed(2))},
               str(activation_file(paths, "eval", "L1.resid_post")))
+
+
+@pytest.mark.slow
+def test_evaluate_reports_whether_the_reopened_path_would_pass(tmp_path):
+    """Also: --evaluate that cannot finish (no eval activations yet: exit 5) leaves the reopen pending, so the
+    next poll reports it (exit 10) instead of "already reported"."""
+    root = tmp_path
+    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    paths = Paths.at(root)
     _sae(root / "local_saes" / "a-scrambled", exact=False)
     _sae(root / "local_saes" / "b-exact", exact=True)
 
+    def run(sim, *extra):
+        return subprocess.run(watch_command(tmp_path / "slept.json", "--json", "--state", str(tmp_path / "s.json"),
+                                            *extra), cwd=root, env=hub_env(sim.url, tmp_path / "hf"),
+                              capture_output=True, text=True, timeout=300)
+
     def poll(sim, *extra):
-        res = subprocess.run(watch_command(tmp_path / "slept.json", "--json", "--state", str(tmp_path / "s.json"),
-                                           *extra), cwd=root, env=hub_env(sim.url, tmp_path / "hf"),
-                             capture_output=True, text=True, timeout=300)
+        res = run(sim, *extra)
         assert res.returncode in (0, 10), res.stderr
         return res.returncode, json.loads(res.stdout)
 
     with HubSim({"repos": []}) as sim:
         assert poll(sim)[0] == 0  # the lock-time baseline: nothing
         sim.set_scenario({"repos": [_repo(root, ["a-scrambled"], SHA[0])]})
+        failed = run(sim, "--evaluate")  # the reopen is met, but the evaluation cannot run
+        assert failed.returncode == 5 and failed.stdout == "", (failed.returncode, failed.stderr)
+        assert "missing activation file" in failed.stderr and "run `dvc repro collect`" in failed.stderr
+        assert "the reopen condition is met and stays pending; the next poll reports it again" in failed.stderr
+        assert json.loads((tmp_path / "s.json").read_text())["reopen"]["reported"] is False
+        _eval_activations(paths)
         rc, report = poll(sim, "--evaluate")
         ev = report["evaluation"]
-        assert rc == 10 and ev["would_pass"] is False
-        (row,) = ev["per_tuple"]["L1.resid_post"]
+        assert rc == 10 and ev["would_pass"] is False  # reported now, by the run whose evaluation finished
+        (row,) = ev["per_tuple"]["toy-refusal:L1.resid_post"]
         assert row["status"] == "fail" and row["nmse"] > 0.12
         assert row["spec"] == f"hf:jbloom/toy-saes/a-scrambled@{SHA[0]}"
 
         sim.set_scenario({"repos": [_repo(root, ["a-scrambled", "b-exact"], SHA[1])]})
         rc, report = poll(sim, "--evaluate")
-        rows = report["evaluation"]["per_tuple"]["L1.resid_post"]
+        assert rc == 0  # reported once
+        rows = report["evaluation"]["per_tuple"]["toy-refusal:L1.resid_post"]
         assert report["evaluation"]["would_pass"] is True
         assert [(r["id"].rsplit("/", 1)[-1], r["status"]) for r in rows] == [("a-scrambled", "fail"), ("b-exact", "pass")]
         assert rows[1]["nmse"] == pytest.approx(0.0, abs=1e-6)

@@ -2,11 +2,15 @@
 
 Shared by `sasgate watch` and the remediation stage, so the watcher's reopen claim and the
 stop rules count coverage the same way. An SAE covers a tuple when it was trained on the
-tuple's model family at the tuple's hook and meets `remediation.constraints`. Two rules are
+tuple's model family at the tuple's hook and meets `remediation.constraints`. Three rules are
 written out, never implied:
 
 * resid_pre[l] is resid_post[l-1] (transformer-lens: block l's input is block l-1's output), so
   an SAE at `blocks.{l-1}.hook_resid_post` covers (l, resid_pre) and the match says so;
+* models are compared by identity (`sasgate.model_names`): names resolved through
+  transformer-lens's alias table, owner included, so `gpt2-small` is `gpt2` and
+  `someorg/gemma-2-2b-it` is not `google/gemma-2-2b-it` (an SAE of the same name under another
+  owner is listed as excluded, never counted);
 * an SAE trained on the base model (`gemma-2-2b`) does not cover a tuple naming the
   instruction-tuned one (`google/gemma-2-2b-it`) under `same_model_variant`; without it, it
   covers with a flag. Either way the report names it.
@@ -15,11 +19,12 @@ written out, never implied:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from sasgate.errors import HubUnreachableError
+from sasgate.model_names import family_relation, resolve
 
-from .descriptors import SaeDescriptor, Skipped, model_variant
+from .descriptors import SaeDescriptor, Skipped
 
 if TYPE_CHECKING:
     from sasgate.params import Params, RemediationFamilyParams, SaeConstraintParams
@@ -28,14 +33,9 @@ if TYPE_CHECKING:
 Unreachable = HubUnreachableError  # the Hub could not be read: never "0 candidates"
 
 
-class _Keyed(Protocol):
-    @property
-    def key(self) -> str: ...
-
-
 @dataclass(frozen=True)
 class Required:
-    """A required tuple; `key` is the params tuple key (`L1.resid_post`)."""
+    """A required tuple; `key` is the params tuple key (`L1.resid_post`), `id` adds the resolved model."""
 
     model: str
     layer: int
@@ -44,6 +44,10 @@ class Required:
     @property
     def key(self) -> str:
         return f"L{self.layer}.{self.site}"
+
+    @property
+    def id(self) -> str:
+        return f"{resolve(self.model).resolved}:{self.key}"
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "layer": self.layer, "site": self.site}
@@ -68,11 +72,8 @@ class CoverageReport:
     tuples: list[TupleCoverage]
     skipped: list[str]  # enumeration skips for the models asked about, then exclusions; sorted, with reasons
 
-    def covering(self, tp: _Keyed) -> list[SaeDescriptor]:
-        return [m.descriptor for m in self._by_key()[tp.key].matches]
-
-    def _by_key(self) -> dict[str, TupleCoverage]:
-        return {t.tuple.key: t for t in self.tuples}
+    def covering(self, tp: Required) -> list[SaeDescriptor]:
+        return [m.descriptor for t in self.tuples if t.tuple.id == tp.id for m in t.matches]
 
     @property
     def covered(self) -> int:
@@ -84,10 +85,13 @@ class CoverageReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"covered": self.covered, "required": len(self.tuples), "text": self.text, "skipped": self.skipped,
-                "per_tuple": [{"tuple": t.tuple.to_json(), "key": t.tuple.key,
+                "per_tuple": [{"tuple": t.tuple.to_json(), "key": t.tuple.key, "id": t.tuple.id,
+                               "model_resolved": resolve(t.tuple.model).resolved,
                                "covering": [{"id": m.descriptor.id, "label": m.descriptor.label, "how": m.how,
                                              "flags": list(m.flags), "spec": m.descriptor.spec,
-                                             "revision": m.descriptor.revision} for m in t.matches],
+                                             "revision": m.descriptor.revision, "model": m.descriptor.model,
+                                             "model_resolved": resolve(m.descriptor.model).resolved}
+                                            for m in t.matches],
                                "excluded": [{"id": d.id, "label": d.label, "reason": r} for d, r in t.excluded]}
                               for t in self.tuples]}
 
@@ -109,10 +113,6 @@ def _hook_relation(d: SaeDescriptor, r: Required) -> str | None:
     return None
 
 
-def _same_family(a: str, b: str) -> bool:
-    return model_variant(a)[0] == model_variant(b)[0]
-
-
 def _failed_constraints(d: SaeDescriptor, r: Required, c: "SaeConstraintParams") -> tuple[list[str], list[str]]:
     """(reasons it does not cover, flags it covers with)."""
     fails, flags = [], []
@@ -122,9 +122,10 @@ def _failed_constraints(d: SaeDescriptor, r: Required, c: "SaeConstraintParams")
         fails.append(f"width {d.width or 'unknown'} is below min_width {c.min_width}")
     if c.max_width is not None and (d.width is None or d.width > c.max_width):
         fails.append(f"width {d.width or 'unknown'} is above max_width {c.max_width}")
-    sae_variant, want = model_variant(d.model)[1], model_variant(r.model)[1]
-    if sae_variant != want:
-        text = f"trained on the {sae_variant} model {d.model}; the tuple names the {want} model {r.model}"
+    sae_model, tuple_model = resolve(d.model), resolve(r.model)
+    if sae_model.variant != tuple_model.variant:
+        text = (f"trained on the {sae_model.variant} model {sae_model}; the tuple names the {tuple_model.variant} "
+                f"model {tuple_model}")
         (fails if c.same_model_variant else flags).append(text + (" (same_model_variant)" if c.same_model_variant
                                                                    else ""))
     return fails, flags
@@ -141,8 +142,13 @@ def match(req: Sequence[Required], descriptors: Iterable[SaeDescriptor | Skipped
     for r in req:
         tc = TupleCoverage(r)
         for d in descs:
-            how = _hook_relation(d, r) if _same_family(d.model, r.model) else None
+            relation = family_relation(d.model, r.model)
+            how = _hook_relation(d, r) if relation != "other" else None
             if how is None:
+                continue
+            if relation == "owner":
+                tc.excluded.append((d, f"trained on {resolve(d.model)}, not {resolve(r.model)}: the same name under "
+                                       "another owner is another model"))
                 continue
             fails, flags = _failed_constraints(d, r, constraints)
             if fails:
@@ -150,13 +156,14 @@ def match(req: Sequence[Required], descriptors: Iterable[SaeDescriptor | Skipped
             else:
                 tc.matches.append(Match(d, how, tuple(flags)))
         out.append(tc)
-    excluded = sorted({f"{d.label}: not for {t.tuple.key}: {why}" for t in out for d, why in t.excluded})
+    excluded = sorted({f"{d.label}: not for {t.tuple.id}: {why}" for t in out for d, why in t.excluded})
     return CoverageReport(out, skipped_for(req, skips) + excluded)
 
 
 def skipped_for(req: Sequence[Required], skips: Iterable[Skipped]) -> list[str]:
     """The skips a reader asking about these tuples needs: those of the same model family, or of no known model."""
-    return sorted({str(s) for s in skips if s.model is None or any(_same_family(s.model, r.model) for r in req)})
+    return sorted({str(s) for s in skips
+                   if s.model is None or any(family_relation(s.model, r.model) == "same" for r in req)})
 
 
 def descriptors_for(source: str, params: "Params", paths: "Paths", fam: "RemediationFamilyParams | None" = None

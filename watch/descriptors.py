@@ -16,12 +16,9 @@ from pydantic import BaseModel, ConfigDict
 from sasgate.artifacts import is_pickle_name  # noqa: F401  (re-exported for the enumerators)
 
 _HOOK = re.compile(r"^blocks\.(\d+)\.(?:hook_(resid_pre|resid_mid|resid_post|mlp_out|attn_out)|attn\.(hook_z))$")
-_INSTRUCT = re.compile(r"[-_](it|instruct|chat)$")
-_BASE = re.compile(r"[-_](pt|base)$")
 _SHA40 = re.compile(r"^[0-9a-f]{40}$")
 
 Source = Literal["registry", "hub", "local"]
-Variant = Literal["base", "instruction-tuned"]
 
 
 def parse_hook(hook: str) -> tuple[int | None, str | None]:
@@ -35,17 +32,6 @@ def parse_hook(hook: str) -> tuple[int | None, str | None]:
 
 def hook_name(layer: int, site: str) -> str:
     return f"blocks.{layer}.attn.hook_z" if site == "attn_z" else f"blocks.{layer}.hook_{site}"
-
-
-def model_variant(name: str) -> tuple[str, Variant]:
-    """(family, variant): `google/gemma-2-2b-it` -> ('gemma-2-2b', 'instruction-tuned'),
-    `gemma-2-2b` and `google/gemma-3-1b-pt` -> base. Families compare case-insensitively."""
-    short = name.rsplit("/", 1)[-1].lower()
-    if m := _INSTRUCT.search(short):
-        return short[: m.start()], "instruction-tuned"
-    if m := _BASE.search(short):
-        return short[: m.start()], "base"
-    return short, "base"
 
 
 class _Frozen(BaseModel):

@@ -17,16 +17,17 @@ from sasgate.paths import Paths
 
 
 def evaluate(report: dict[str, Any], params: Params, paths: Paths) -> dict[str, Any]:
+    from sasgate.model_names import same_model
     from sasgate.stages.remediation import Candidate, Evaluator  # the gate's own measure, not a copy
 
     keys = {t.key for t in params.tuples}
     run = Evaluator(params, paths)
     per_tuple: dict[str, Any] = {}
     for t in report["coverage"]["per_tuple"]:
-        fresh = set(report["reopen"]["fresh_covering"][t["key"]])
+        fresh = set(report["reopen"]["fresh_covering"][t["id"]])
         rows = []
         for c in (c for c in t["covering"] if c["id"] in fresh):
-            if t["key"] not in keys or t["tuple"]["model"] != params.model.name:
+            if t["key"] not in keys or not same_model(t["tuple"]["model"], params.model.name):
                 rows.append({"id": c["id"], "status": "not evaluable", "reason": "the tuple is not one of this "
                              "project's params tuples (its eval activations are not here)"})
             elif c["spec"] is None:
@@ -38,7 +39,7 @@ def evaluate(report: dict[str, Any], params: Params, paths: Paths) -> dict[str, 
                              "ci": list(e.ci) if e.ci else None, "error": e.error})
                 if e.status == "pass":
                     break
-        per_tuple[t["key"]] = rows
+        per_tuple[t["id"]] = rows
     passing = {k: any(r["status"] == "pass" for r in rows) for k, rows in per_tuple.items()}
     return {"would_pass": bool(passing) and all(passing.values()), "per_tuple": per_tuple,
             "summary": f"{sum(passing.values())}/{len(passing)} tuples with a passing new SAE, threshold "

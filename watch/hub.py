@@ -3,11 +3,13 @@
 One poll: `list_models` per configured author, tag and search (with `expand` for sha,
 lastModified, library_name and tags); every listed repo whose sha differs from the previous
 poll's is read at that sha: `list_repo_tree` for its files, `hf_hub_download` for the small
-config files its layout declares. A repo whose sha is unchanged is not read again: its
-descriptors come from the previous poll. Anything the client cannot read (network error,
-HTTP 5xx/429 after the client's own retries, malformed JSON) raises Unreachable, so a caller
-never mistakes an unreadable Hub for an empty one. `HF_ENDPOINT` (mirrors) and `HF_TOKEN` are
-read by the client itself.
+config files its layout declares. A repo whose sha is unchanged is not read again and its
+descriptors come from the previous poll, unless its record was read by another PARSER_VERSION
+or the Hub refused it (gated, disabled, private or gone: `retry` in its record), in which case
+it is read again. A refusal is a skip with the reason, never an outage; anything else the client
+cannot read (network error, HTTP 5xx/429 after the client's own retries, malformed JSON, a
+request stalled past `watch.timeout_s`) raises Unreachable, so a caller never mistakes an
+unreadable Hub for an empty one. `HF_ENDPOINT` (mirrors) and `HF_TOKEN` are read by the client.
 """
 
 from __future__ import annotations
@@ -16,20 +18,25 @@ import json
 import posixpath
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 from sasgate.errors import HubUnreachableError
 
 from . import configs, layouts
+from .client import bound_requests
 from .descriptors import SaeDescriptor, Skipped, hook_name, is_pickle_name
 from .settings import WatchParams
+from .state import RepoRecord
 
 EXPAND = ["sha", "lastModified", "library_name", "tags"]
 _QUERY_KEYWORD = {"author": "author", "tag": "filter", "search": "search"}
 _WEIGHT_SUFFIXES = (".safetensors", ".npz")
 READERS = 8  # repos read in parallel (each read is a few small requests)
+# Bump when the way files are read changes (a layout, the width rule): records of another
+# version are read again at their sha. 2: Gemma Scope widths are powers of two (65k = 65536).
+PARSER_VERSION = 2
 T = TypeVar("T")
 
 
@@ -46,10 +53,10 @@ class Listed:
 
 @dataclass
 class HubResult:
-    repos: dict[str, dict[str, Any]]  # repo id -> state record (sha, listing facts, descriptors, skipped)
+    repos: dict[str, RepoRecord]  # repo id -> state record (sha, listing facts, descriptors, skipped)
     descriptors: list[SaeDescriptor]
     skipped: list[Skipped]
-    reread: list[str]  # repos read at a new sha this poll
+    reread: list[str]  # repos read this poll: new sha, refused before, or another parser version
     how: str
 
 
@@ -65,24 +72,46 @@ def _client_errors() -> tuple[type[BaseException], ...]:
     return (HfHubHTTPError, LocalEntryNotFoundError, httpx2.HTTPError, json.JSONDecodeError, OSError)
 
 
-def _permanent() -> tuple[type[BaseException], ...]:
-    """Errors that say "this repo or file cannot be read" (gated, gone, force-pushed): a skip, not an outage."""
-    from huggingface_hub.errors import (GatedRepoError, RemoteEntryNotFoundError, RepositoryNotFoundError,
+def _refusal(exc: BaseException) -> str | None:
+    """Why the Hub refused this repo or file, or None when it did not (then the Hub could not be read).
+
+    Refusals are answers about one repo: gated without access, disabled, private or gone (401,
+    403, 404, a revision force-pushed away); the repo is read again on the next poll. The client
+    may wrap them (hf_hub_download raises LocalEntryNotFoundError from a refused HEAD), so the
+    causes are followed."""
+    from huggingface_hub.errors import (DisabledRepoError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
-    return (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError, RemoteEntryNotFoundError)
+    seen: BaseException | None = exc
+    chain: set[int] = set()
+    while seen is not None and id(seen) not in chain:
+        chain.add(id(seen))
+        status = seen.response.status_code if isinstance(seen, HfHubHTTPError) and seen.response is not None else None
+        if isinstance(seen, GatedRepoError):
+            return f"gated: no access with this token (HTTP {status})"
+        if isinstance(seen, DisabledRepoError):
+            return f"disabled: Access to this resource is disabled (HTTP {status})"
+        if isinstance(seen, RevisionNotFoundError):
+            return "the listed revision is gone (force-pushed since the listing)"
+        if isinstance(seen, RepositoryNotFoundError):
+            return f"not found, or private without access (HTTP {status})"
+        if status in (401, 403, 404):
+            return f"refused (HTTP {status})"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
-def configure_client(settings: WatchParams) -> None:
-    """A per-request timeout: the client's default has none, so a stalled mirror would hang cron forever."""
-    from huggingface_hub.utils import _http
+def _file_gone() -> type[BaseException]:
+    """A file the tree listed is not served at that commit: permanent at this sha (read again when it changes)."""
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
-    def factory() -> Any:
-        client = _http.default_client_factory()
-        client.timeout = settings.timeout_s
-        return client
+    return RemoteEntryNotFoundError
 
-    _http.set_client_factory(factory)
+
+class _Refused(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 def list_repos(api: Any, settings: WatchParams) -> dict[str, Listed]:
@@ -105,13 +134,16 @@ def list_repos(api: Any, settings: WatchParams) -> dict[str, Listed]:
 
 
 def _with_retries(settings: WatchParams, what: str, fn: Callable[[], T]) -> T:
-    """Our bounded retries with backoff for calls the client does not retry (file downloads)."""
+    """Our bounded retries with backoff for calls the client does not retry (file downloads).
+    A refusal or a file gone is an answer, raised at once for the caller to record as a skip."""
     for attempt in range(settings.retries + 1):
         try:
             return fn()
-        except _permanent():
-            raise  # the caller records a skip
+        except _file_gone():
+            raise
         except _client_errors() as exc:
+            if (reason := _refusal(exc)) is not None:
+                raise _Refused(reason) from exc
             if attempt == settings.retries:
                 raise _unreachable(what, exc) from exc
             time.sleep(settings.backoff_s * 2**attempt)
@@ -126,12 +158,18 @@ class _RepoReader:
         self.found: list[SaeDescriptor] = []
         self.skipped: list[Skipped] = []
         self.files: list[str] = []
+        self.retry: str | None = None  # why the Hub refused part of it: read again on the next poll
+
+    def _refused(self, where: str, reason: str) -> None:
+        self.retry = self.retry or reason
+        self.skipped.append(Skipped(where=where, reason=f"not readable: {reason}; read again on every poll until "
+                                    "it is"))
 
     def read(self) -> None:
         try:
             files = self._files()
-        except _permanent() as exc:
-            self.skipped.append(Skipped(where=self.repo, reason=f"not readable ({type(exc).__name__})"))
+        except _Refused as exc:
+            self._refused(self.repo, exc.reason)
             return
         if files is None:
             return
@@ -161,9 +199,9 @@ class _RepoReader:
                     self.skipped.append(Skipped(where=self.repo, reason=f"more than {len(files) - 1} files "
                                                 "(watch.max_files_per_repo): not read"))
                     return None
-        except _permanent():
-            raise
         except _client_errors() as exc:
+            if (reason := _refusal(exc)) is not None:
+                raise _Refused(reason) from exc
             raise _unreachable(what, exc) from exc
         return files
 
@@ -174,8 +212,12 @@ class _RepoReader:
         try:
             local = _with_retries(self.settings, f"downloading {self.repo}/{path}",
                                   lambda: hf_hub_download(self.repo, path, revision=self.listed.sha))
-        except _permanent() as exc:
-            self.skipped.append(Skipped(where=f"{self.repo}/{path}", reason=f"not served ({type(exc).__name__})"))
+        except _Refused as exc:
+            self._refused(f"{self.repo}/{path}", exc.reason)
+            return None
+        except _file_gone() as exc:
+            self.skipped.append(Skipped(where=f"{self.repo}/{path}", reason=f"not served at this commit "
+                                        f"({type(exc).__name__})"))
             return None
         try:
             with open(local, encoding="utf-8") as fh:
@@ -270,31 +312,51 @@ class _RepoReader:
         return set()
 
 
-def read_hub(settings: WatchParams, previous: dict[str, dict[str, Any]]) -> HubResult:
+def read_hub(settings: WatchParams, previous: dict[str, RepoRecord]) -> HubResult:
     """One pass over the Hub; `previous` is the last poll's per-repo records (reused when the sha is unchanged)."""
     from huggingface_hub import HfApi
 
-    configure_client(settings)
+    bound_requests(settings.timeout_s)
     api = HfApi()
     listing = list_repos(api, settings)
-    changed = sorted(r for r, lst in listing.items() if previous.get(r, {}).get("sha") != lst.sha)
-    with ThreadPoolExecutor(READERS) as pool:
-        read = dict(zip(changed, pool.map(lambda r: _read_one(api, settings, r, listing[r]), changed)))
-    repos: dict[str, dict[str, Any]] = {}
+    changed = sorted(r for r, lst in listing.items() if _stale(previous.get(r), lst))
+    read = _read_all(api, settings, {r: listing[r] for r in changed})
+    repos: dict[str, RepoRecord] = {}
     for repo, lst in sorted(listing.items()):
         record = read.get(repo) or previous[repo]
-        repos[repo] = {**record, "last_modified": lst.last_modified, "tags": lst.tags,
-                       "library_name": lst.library_name, "scopes": sorted(lst.scopes)}
-    descriptors = [SaeDescriptor.model_validate(d) for r in repos.values() for d in r["descriptors"]]
-    skipped = [Skipped.model_validate(s) for r in repos.values() for s in r["skipped"]]
+        repos[repo] = record.model_copy(update={"last_modified": lst.last_modified, "tags": lst.tags,
+                                                "library_name": lst.library_name, "scopes": sorted(lst.scopes)})
+    descriptors = [d for r in repos.values() for d in r.descriptors]
+    skipped = [s for r in repos.values() for s in r.skipped]
+    retried = sum(1 for r in changed if r in previous and previous[r].sha == listing[r].sha)
     how = (f"Hub ({len(settings.queries())} queries: {', '.join(f'{k}:{v}' for k, v in settings.queries())}): "
-           f"{len(repos)} repos listed, {len(changed)} read at a new sha")
+           f"{len(repos)} repos listed, {len(changed)} read ({retried} of them again at the same sha: refused "
+           "before, or read by another parser version)")
     return HubResult(repos, descriptors, skipped, changed, how)
 
 
-def _read_one(api: Any, settings: WatchParams, repo: str, listed: Listed) -> dict[str, Any]:
+def _stale(record: RepoRecord | None, listed: Listed) -> bool:
+    """Read this repo now: new, a new sha, refused last time, or read by another parser version."""
+    return record is None or record.sha != listed.sha or record.retry is not None or record.parser != PARSER_VERSION
+
+
+def _read_all(api: Any, settings: WatchParams, todo: dict[str, Listed]) -> dict[str, RepoRecord]:
+    """Read repos in parallel; the first Unreachable cancels the reads not yet started (each running one is
+    bounded by watch.timeout_s per wait), so a stalled Hub ends the poll in about that time."""
+    with ThreadPoolExecutor(READERS) as pool:
+        futures: dict[str, Future[RepoRecord]] = {r: pool.submit(_read_one, api, settings, r, lst)
+                                                  for r, lst in todo.items()}
+        try:
+            return {r: f.result() for r, f in futures.items()}
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+def _read_one(api: Any, settings: WatchParams, repo: str, listed: Listed) -> RepoRecord:
     reader = _RepoReader(api, settings, repo, listed)
     reader.read()
-    return {"sha": listed.sha,
-            "descriptors": [d.model_dump(mode="json") for d in sorted(reader.found, key=lambda d: d.id)],
-            "skipped": [s.model_dump(mode="json") for s in sorted(reader.skipped, key=str)]}
+    return RepoRecord(sha=listed.sha, parser=PARSER_VERSION, retry=reader.retry,
+                      descriptors=sorted(reader.found, key=lambda d: d.id), skipped=sorted(reader.skipped, key=str),
+                      last_modified=listed.last_modified, tags=listed.tags, library_name=listed.library_name,
+                      scopes=sorted(listed.scopes))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_WIDTH = re.compile(r"^(\d+)([km]?)$")
 # Gemma Scope: layer_5/width_16k/average_l0_105 (the registry's canonical ids end in /canonical)
 _GEMMA_SCOPE = re.compile(r"^layer_(\d+)/width_(\w+?)/(?:average_l0_(\d+)|canonical)$")
 # Gemma Scope 2: resid_post/layer_17_width_16k_l0_big (also resid_post_all/, mlp_out/, attn_out/)
@@ -41,12 +40,16 @@ class Named:
     l0: float | None = None
 
 
-def width(text: str) -> int | None:
-    """'16k' -> 16384, '1m' -> 1048576, '4096' -> 4096 (Gemma Scope's 'k' is 1024)."""
-    m = _WIDTH.match(text.lower())
-    if not m:
-        return None
-    return int(m[1]) * {"": 1, "k": 1 << 10, "m": 1 << 20}[m[2]]
+# Gemma Scope and Gemma Scope 2 label a width by its power of two in thousands (millions for
+# `m`), rounded down: 65k is 2^16 = 65536, not 65 x 1024. These are the widths they publish
+# (embedding SAEs 2^12, the rest 2^14 to 2^20); any other label is an unknown width (None).
+GEMMA_SCOPE_WIDTHS = {"4k": 1 << 12, "16k": 1 << 14, "32k": 1 << 15, "65k": 1 << 16, "131k": 1 << 17,
+                      "262k": 1 << 18, "524k": 1 << 19, "1m": 1 << 20}
+
+
+def gemma_scope_width(label: str) -> int | None:
+    """d_sae of a Gemma Scope (or Gemma Scope 2) `width_<label>`: '16k' -> 16384, '65k' -> 65536."""
+    return GEMMA_SCOPE_WIDTHS.get(label.lower())
 
 
 def _number(text: str | None) -> float | None:
@@ -59,7 +62,8 @@ def gemma_scope(path: str, site_suffix: str) -> Named | None:
     site = GEMMA_SCOPE_SITES.get(site_suffix)
     if not m or site is None:
         return None
-    return Named(int(m[1]), site, f"path (Gemma Scope, {site_suffix} release)", width(m[2]), _number(m[3]))
+    return Named(int(m[1]), site, f"path (Gemma Scope, {site_suffix} release)", gemma_scope_width(m[2]),
+                 _number(m[3]))
 
 
 def gemma_scope_2(path: str) -> Named | None:
@@ -67,7 +71,8 @@ def gemma_scope_2(path: str) -> Named | None:
     m = _GEMMA_SCOPE_2.match(path)
     if not m:
         return None
-    return Named(int(m[2]), _GEMMA_SCOPE_2_SITES[m[1]], "path (Gemma Scope 2)", width(m[3]), _number(m[4]))
+    return Named(int(m[2]), _GEMMA_SCOPE_2_SITES[m[1]], "path (Gemma Scope 2)", gemma_scope_width(m[3]),
+                 _number(m[4]))
 
 
 def llama_scope(path: str) -> Named | None:

@@ -29,9 +29,12 @@ class WatchParams(BaseModel):
     state: str = DEFAULT_STATE  # relative to the working directory (the project root)
     # Our own retries for the calls huggingface_hub does not retry (file downloads); listing and
     # tree calls are retried by the client itself (5 times, 1-8 s backoff, Retry-After honoured).
+    # Neither retries a refusal (gated, disabled, private, gone: a skip) or a stalled request.
     retries: Annotated[int, Field(ge=0, le=10)] = 3
     backoff_s: Annotated[float, Field(ge=0, le=60)] = 1.0
-    timeout_s: Annotated[float, Field(gt=0)] = 30.0  # per HTTP request (the client's default is none)
+    # The longest any Hub request waits (connecting, each read; sasgate.watch.client): a stalled
+    # Hub ends the poll with exit 75 after about this long. The client's own default is none.
+    timeout_s: Annotated[float, Field(gt=0)] = 30.0
     lock_timeout_s: Annotated[float, Field(ge=0)] = 900.0  # wait this long for an overlapping run
     max_files_per_repo: Annotated[int, Field(gt=0)] = 100_000  # a bigger tree is skipped, not read
 
