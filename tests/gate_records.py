@@ -80,7 +80,8 @@ def comparison(kind: str, operator: str, ci: tuple[float, float], *, dim_strengt
             "arms": {"dim": arm("dim", dim_strength), "sas": arm("sas", sas_strength)}}
 
 
-def behaviour(status: str = "pass", cis: tuple = ((-0.05, 0.05), (-0.05, 0.05)), **comparison_kw) -> GateRecord:
+def behaviour(status: str = "pass", cis: tuple = ((-0.05, 0.05), (-0.05, 0.05)), tuple_ref: dict = TUPLES[1],
+              **comparison_kw) -> GateRecord:
     """A behaviour record with one comparison per (kind, operator); its checks give `status`."""
     comps = [comparison(kind, op, ci, **comparison_kw) for (kind, op), ci in zip(COMPARED, cis)]
     admissible = all(c["arms"]["dim"]["strength"] is not None for c in comps)
@@ -90,14 +91,14 @@ def behaviour(status: str = "pass", cis: tuple = ((-0.05, 0.05), (-0.05, 0.05)),
               "min_samples": {"pass": True}, "admissible": {"pass": admissible},
               "assay_sensitivity": {"pass": sensitive}}
     real = "pass" if all(c["pass"] for c in checks.values()) else "fail"
-    row = {"tuple": TUPLES[1], "observed": checks["scorer_agreement"]["observed"], "ci95": None, "status": real}
+    row = {"tuple": tuple_ref, "observed": checks["scorer_agreement"]["observed"], "ci95": None, "status": real}
     return gate("behaviour", real, per_tuple=[row], metric="scorer_agreement", threshold=0.95, comparison=">=",
                 details={"checks": checks}, params={"validity": {"margin": MARGIN, "min_samples": 50}},
                 comparisons=comps, outcome=overall([c["outcome"] for c in comps]))
 
 
 def stability(status: str = "pass", declared: int | None = None, stable: int | None = None,
-              halves_agree: bool = True) -> GateRecord:
+              halves_agree: bool = True, tuple_ref: dict = TUPLES[1]) -> GateRecord:
     """`declared` paraphrase families besides the original wording (set 0), of which the first `stable`
     agree with the pooled result in every seed; None: two cells of the original wording. `status` fail makes
     every cell disagree."""
@@ -109,6 +110,6 @@ def stability(status: str = "pass", declared: int | None = None, stable: int | N
     families = [{"paraphrase_set": k, "made_by": f"template {k}", "held_out_from_training": False,
                  "held_out_from_selection": False} for k in range(1, n + 1)]
     real = "pass" if share >= 0.8 and halves_agree else "fail"
-    row = {"tuple": TUPLES[1], "observed": share, "ci95": None, "status": real}
+    row = {"tuple": tuple_ref, "observed": share, "ci95": None, "status": real}
     return gate("stability", real, per_tuple=[row], metric="cell_agreement", threshold=0.8, comparison=">=",
                 details={"cells": cells, "split_half": halves, "paraphrase_families": families})

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import gate_records
 from hubsim import HubSim, hub_env, load_scenario, watch_command
 from sasgate.decision import decide, write_decision
 from sasgate.gates import GATE_SCHEMA, validate_gate
@@ -46,7 +47,8 @@ def write_project(root: Path, tuples: list[dict] = TUPLES, watch: dict | None = 
     n = len(tuples)
     stopped = {"stopped_by": {"id": "K2", "kind": "coverage", "text": "no candidate"},
                "coverage": {"A": {"available": True, "covered": 0, "required": n, "text": f"0/{n}"}}}
-    records = {"behaviour": _gate("behaviour", "pass"), "stability": _gate("stability", "pass"),
+    records = {"behaviour": gate_records.behaviour(tuple_ref=tuples[0]),
+               "stability": gate_records.stability(tuple_ref=tuples[0]),
                "reconstruction": _gate("reconstruction", "fail", rows),
                "remediation": _gate("remediation", "fail", [{**r, "observed": None, "ci95": None} for r in rows],
                                     stopped)}
