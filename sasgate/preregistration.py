@@ -196,9 +196,17 @@ class PrecedingRecord(_Strict):
     and/or listed as an output in dvc.lock (its stage had run here, even if the file was removed)."""
 
     gate: Literal["behaviour", "stability", "reconstruction", "remediation"]
-    sha256: str | None = None
-    status: str | None = None
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    status: Literal["pass", "fail", "not_needed", "unreadable"] | None = None
     in_dvc_lock: bool = False
+
+    @model_validator(mode="after")
+    def _seen_somewhere(self) -> "PrecedingRecord":
+        if self.sha256 is None and not self.in_dvc_lock:
+            raise ValueError(f"gate {self.gate}: a preceding record needs its sha256 or in_dvc_lock")
+        if (self.sha256 is None) != (self.status is None):
+            raise ValueError(f"gate {self.gate}: sha256 and status come together (a file that was present)")
+        return self
 
     @property
     def text(self) -> str:
@@ -210,7 +218,7 @@ class PrecedingRecord(_Strict):
 class InTime(_Strict):
     """Whether the protocol now locked was fixed before every result it judges (decision.json carries it)."""
 
-    lock_sha256: str  # the locked protocol's digest (lock.json `sha256`)
+    lock_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # the locked protocol's digest (lock.json `sha256`)
     preregistered_after_results: bool
     preceding_records: list[PrecedingRecord]
 
@@ -281,6 +289,9 @@ def in_time(lock: dict[str, Any], origin: str = "preregistration/lock.json") -> 
         raise PreregistrationError(f"{origin}: not a {LOCK_SCHEMA} lock with a sha256 and a history")
     digest, history = lock["sha256"], lock["history"]
     top = _made_after(lock.get("made_after"), f"{origin}: made_after")
+    last = history[-1] if history else None
+    if isinstance(last, dict) and "made_after" in last and _made_after(last["made_after"], origin) != top:
+        raise PreregistrationError(f"{origin}: made_after differs from its last history entry (edited by hand?)")
     seen: dict[tuple[str, str | None], PrecedingRecord] = {}
     for i, entry in enumerate(history):
         where = f"{origin}: history entry {i + 1}"
@@ -293,8 +304,6 @@ def in_time(lock: dict[str, Any], origin: str = "preregistration/lock.json") -> 
         else:
             raise PreregistrationError(f"{where} does not record which gate records existed then; "
                                        "the lock cannot say whether its protocol preceded the results")
-        if i == len(history) - 1 and recs != top:
-            raise PreregistrationError(f"{origin}: made_after differs from its last history entry (edited by hand?)")
         for r in recs:
             seen.setdefault((r.gate, r.sha256), r)
         if entry["sha256"] == digest:

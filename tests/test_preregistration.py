@@ -132,6 +132,7 @@ def test_a_legacy_lock_is_read_and_migrated(paths):
     (lambda lock: lock.update(made_after={}), "made_after differs from its last history entry"),
     (lambda lock: lock["history"][0].pop("made_after"), "history entry 1 does not record which gate records"),
     (lambda lock: lock["history"][-1]["made_after"].update(reconstruction={"sha256": 3}), "invalid made_after"),
+    (lambda lock: lock["history"][0]["made_after"].update(behaviour={"in_dvc_lock": False}), "needs its sha256"),
     (lambda lock: lock.update(sha256="f" * 64), "is not in its own history"),
     (lambda lock: lock.update(history="none"), "not a sasgate.preregistration/1 lock"),
 ])
