@@ -12,7 +12,7 @@ from typing import Any, Callable, NoReturn
 
 import click
 
-from sasgate.errors import NotVerifiedError
+from sasgate.errors import NotVerifiedError, TimestampError
 
 from . import keys
 
@@ -28,6 +28,8 @@ Exit codes (verify):
   0   verified (with --reproduce: and bit-exact or decision-equivalent)
   1   not verified, or not reproduced: the first reason names the file
   2   usage error (bad arguments, unreadable public key)
+  12  the bundled preregistration timestamp does not verify (another digest, an
+      untrusted TSA certificate, a malformed token); export refuses one too
 """
 
 
@@ -125,7 +127,8 @@ def _load_public(ctx: click.Context, param: click.Parameter, value: str) -> Any:
 def _decision_lines(decision: dict[str, Any]) -> list[str]:
     lines = [f"decision: {decision.get('decision_state')} (active path {decision.get('active_path')}, "
              f"phase movement authorized: {str(decision.get('phase_movement_authorized')).lower()})",
-             "gates: " + ", ".join(f"{g} {s.get('status')}" for g, s in decision.get("gates", {}).items())]
+             "gates: " + ", ".join(f"{g} {s.get('status')}" for g, s in decision.get("gates", {}).items()),
+             _preregistration_line(decision)]
     claims = decision.get("claims", {})
     for title, kind in (("we can claim", "allowed"), ("we cannot claim", "disallowed")):
         lines.append(f"{title}:")
@@ -135,6 +138,17 @@ def _decision_lines(decision: dict[str, Any]) -> list[str]:
         tuples = "; ".join(f"{t['model']} L{t['layer']} {t['site']}" for t in r.get("required_tuples", []))
         lines.append(f"  - ({r.get('kind')}) {r.get('text')}" + (f" Required tuples: {tuples}." if tuples else ""))
     return lines
+
+
+def _preregistration_line(decision: dict[str, Any]) -> str:
+    from pydantic import ValidationError
+
+    from sasgate.preregistration import InTime
+
+    try:
+        return f"preregistration: {InTime.model_validate(decision.get('preregistration')).text}"
+    except ValidationError:
+        return "preregistration: not stated (no preregistration lock behind this decision)"
 
 
 def _large_line(info: dict[str, Any]) -> str:
@@ -152,20 +166,22 @@ def _large_line(info: dict[str, Any]) -> str:
 @click.option("--reproduce", is_flag=True, help="also re-run the pipeline in a fresh folder and compare")
 @click.option("--workdir", type=click.Path(file_okay=False),
               help="folder for --reproduce (absent or empty; kept). Default: a temp folder, removed after")
+@click.option("--tsa-cert", type=click.File("rb"), help="check the bundled preregistration timestamp against this "
+              "TSA CA certificate, PEM [default: the bundle's own preregistration/tsa.pem]")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
-def verify(file: str, public_key: Any, reproduce: bool, workdir: str | None, as_json: bool) -> None:
+def verify(file: str, public_key: Any, reproduce: bool, workdir: str | None, tsa_cert: Any, as_json: bool) -> None:
     """Check FILE's signature, every digest, and that its claims follow from its gate records. Fails closed."""
     if workdir and Path(workdir).exists() and (not Path(workdir).is_dir() or any(Path(workdir).iterdir())):
         raise click.BadParameter(f"{workdir} must be absent or empty", param_hint="--workdir")
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="sasgate-reproduce-")) if reproduce else None
     try:
-        _verify(file, public_key, work, as_json)
+        _verify(file, public_key, work, as_json, tsa_cert.read() if tsa_cert else None)
     finally:
         if work is not None and not workdir:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _verify(file: str, public_key: Any, work: Path | None, as_json: bool) -> None:
+def _verify(file: str, public_key: Any, work: Path | None, as_json: bool, tsa_cert: bytes | None) -> None:
     from .reproduce import reproduce as do_reproduce
     from .verify import verify as do_verify
 
@@ -173,11 +189,11 @@ def _verify(file: str, public_key: Any, work: Path | None, as_json: bool) -> Non
     try:
         if work is not None:
             (work / "bundle").mkdir(parents=True)
-        v = do_verify(file, public_key, extract_to=work / "bundle" if work else None)
+        v = do_verify(file, public_key, extract_to=work / "bundle" if work else None, tsa_cert=tsa_cert)
     except Exception as exc:  # fail closed: an unexpected error is never a pass
-        reason = str(exc) if isinstance(exc, NotVerifiedError) else \
+        reason = str(exc) if isinstance(exc, (NotVerifiedError, TimestampError)) else \
             f"internal error while checking: {type(exc).__name__}: {exc}"
-        _fail(report, as_json, "NOT VERIFIED", reason)
+        _fail(report, as_json, "NOT VERIFIED", reason, exc.exit_code if isinstance(exc, TimestampError) else 1)
     report.update(verified=True, keyid=v.keyid, signer=v.signer_name, checks=list(v.checks),
                   git=v.info.get("git"), decision=v.decision.to_json())
     if not as_json:
@@ -185,7 +201,8 @@ def _verify(file: str, public_key: Any, work: Path | None, as_json: bool) -> Non
         click.echo(f"signed by: {v.keyid} (the key given)" + (f", name {v.signer_name!r}" if v.signer_name else ""))
         git = v.info.get("git", {})
         click.echo(f"git commit: {git.get('commit')} (dirty: {'yes' if git.get('dirty') else 'no'})")
-        for line in _decision_lines(v.decision.to_json()) + [_large_line(v.info), "checks: " + ", ".join(v.checks)]:
+        for line in _decision_lines(v.decision.to_json()) + [_large_line(v.info), _timestamp_line(v),
+                                                             "checks: " + ", ".join(v.checks)]:
             click.echo(line)
     if work is not None:
         if not as_json:
@@ -202,11 +219,17 @@ def _verify(file: str, public_key: Any, work: Path | None, as_json: bool) -> Non
     _finish(report, as_json, 0)
 
 
-def _fail(report: dict[str, Any], as_json: bool, label: str, reason: str) -> NoReturn:
+def _fail(report: dict[str, Any], as_json: bool, label: str, reason: str, code: int = 1) -> NoReturn:
     report["reason"] = reason
     if not as_json:
         click.echo(f"{label}: {reason}", err=True)
-    _finish(report, as_json, 1)
+    _finish(report, as_json, code)
+
+
+def _timestamp_line(v: Any) -> str:
+    s = v.timestamp
+    return f"preregistration timestamp: {s.gen_time} by {s.tsa} (RFC 3161, verified)" if s else \
+        "preregistration timestamp: none"
 
 
 def _print_outcome(outcome: Any) -> None:

@@ -13,8 +13,9 @@ _sasgate/bundle.json (git commit + dirty flag, large artifacts, tolerances),
 _sasgate/environment.json, and _sasgate/statement.dsse.json, the signed statement.
 
 Refused: a workspace that does not match dvc.lock (`dvc status`) or the sha256
-manifests (WorkspaceMismatchError, exit 20, naming the files), and any private key
-among the files (KeyFileError, exit 21).
+manifests (WorkspaceMismatchError, exit 20, naming the files), any private key
+among the files (KeyFileError, exit 21), and a preregistration timestamp that does not
+verify (TimestampError, exit 12).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from tqdm import tqdm
 from sasgate import __version__
 from sasgate.artifacts import canonical_json, iter_files, read_json
 from sasgate.errors import ArtifactError, KeyFileError, WorkspaceMismatchError
+from sasgate.paths import Paths
+from sasgate.preregistration import check_timestamp
 
 from . import bundle, crate, dsse, dvcmeta, environment, keys
 from .safe_extract import Limits, check_name
@@ -183,6 +186,7 @@ def predicate_for(decision: dict[str, Any], info: dict[str, Any]) -> dict[str, A
         "claims": {kind: [{"id": c["id"], "text": c["text"]} for c in claims.get(kind, [])]
                    for kind in ("allowed", "disallowed")},
         "reopen_conditions": decision.get("reopen_conditions", []),
+        "preregistration": decision.get("preregistration"),  # preregistered_after_results and what preceded it
         "git": {k: info["git"][k] for k in ("commit", "dirty")},
         "signer": info["signer"],
         "sasgate_version": info["sasgate_version"],
@@ -227,6 +231,7 @@ def export(root: str | os.PathLike, key_path: str | os.PathLike, out: str | os.P
     key = keys.load_private(key_file, passphrase)
     stages = dvcmeta.read_pipeline(root)
     check_dvc_status(root)
+    check_timestamp(Paths.at(root))  # a preregistration timestamp that does not verify is never signed (exit 12)
     git = git_state(root)
     outs = dvcmeta.all_outs(stages)
 

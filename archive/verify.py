@@ -11,6 +11,10 @@ In order, stopping at the first failure (NotVerifiedError naming the file):
    `render_claims_md` of that decision must equal CLAIMS.md byte for byte);
 5. the signed predicate equals the summary rebuilt from decision.json and bundle.json,
    and the manifests and gate records agree with the bundle's sha256 of every artifact.
+
+The decision's `preregistration` (whether the lock preceded the results) is re-derived from the
+bundled preregistration/lock.json in step 4; a bundled RFC 3161 timestamp over the lock is
+verified offline after step 3 (`bundled_timestamp`; TimestampError, exit 12, when it fails).
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from sasgate.claims import GATES
 from sasgate.decision import Decision, decide, record_sha256, render_claims_md, validate_decision
-from sasgate.errors import NotVerifiedError, SasgateError
+from sasgate.errors import NotVerifiedError, SasgateError, TimestampError
 from sasgate.gates import GateRecord, validate_gate
 from sasgate.params import Params, parse_params
+from sasgate.preregistration import InTime, in_time
 from sasgate.status import required_tuples
+from sasgate.timestamp import Stamp, verify as verify_timestamp
 
 from . import bundle, dsse
 from .export import predicate_for
@@ -99,6 +105,7 @@ class Verified:
     decision: Decision
     info: dict[str, Any]
     checks: tuple[str, ...]
+    timestamp: Stamp | None = None  # the bundled preregistration timestamp, verified
 
     @property
     def signer_name(self) -> str | None:
@@ -106,13 +113,14 @@ class Verified:
 
 
 def verify(path: str | os.PathLike, key: Ed25519PublicKey, limits: Limits = Limits(),
-           extract_to: Path | None = None) -> Verified:
+           extract_to: Path | None = None, tsa_cert: bytes | None = None) -> Verified:
     """Every check of the module docstring; raises NotVerifiedError with the first failure."""
     contents = read_bundle(path, limits, extract_to)
     if bundle.ENVELOPE not in contents.digests:
         raise NotVerifiedError(f"{bundle.ENVELOPE}: missing: not a sasgate bundle, or its signature was removed")
     statement, keyid = dsse.open_envelope(contents.data.get(bundle.ENVELOPE, b""), key, bundle.ENVELOPE)
     check_subjects(statement.digests(), {n: d for n, d in contents.digests.items() if n != bundle.ENVELOPE})
+    stamp = bundled_timestamp(contents, tsa_cert)
     info = contents.json(bundle.BUNDLE_INFO)
     if not isinstance(info, dict) or info.get("schema") != bundle.BUNDLE_SCHEMA:
         raise NotVerifiedError(f"{bundle.BUNDLE_INFO}: not a {bundle.BUNDLE_SCHEMA} record")
@@ -122,8 +130,8 @@ def verify(path: str | os.PathLike, key: Ed25519PublicKey, limits: Limits = Limi
                                f"{bundle.BUNDLE_INFO}")
     check_artifact_digests(contents, info)
     checks = ("signature", f"{len(statement.subject)} subject digests", "no unlisted files",
-              "decision and claims re-derived", "manifests and gate inputs")
-    return Verified(contents, keyid, statement, decision, info, checks)
+              "decision and claims re-derived", "manifests and gate inputs") + (("preregistration timestamp",) * bool(stamp))
+    return Verified(contents, keyid, statement, decision, info, checks, stamp)
 
 
 def check_subjects(listed: dict[str, str], present: dict[str, str]) -> None:
@@ -164,7 +172,8 @@ def check_decision(contents: Contents) -> Decision:
     """decision.json and CLAIMS.md must be exactly what the state machine makes of the gate records."""
     try:
         stated = validate_decision(contents.json("decision.json"), origin="decision.json")
-        derived = decide(gate_records(contents), required_tuples(bundled_params(contents)))
+        derived = decide(gate_records(contents), required_tuples(bundled_params(contents)),
+                         preregistration=bundled_in_time(contents))
     except NotVerifiedError:
         raise
     except SasgateError as exc:
@@ -182,6 +191,27 @@ def check_decision(contents: Contents) -> Decision:
     if contents.text("CLAIMS.md") != render_claims_md(derived):
         raise NotVerifiedError("CLAIMS.md does not follow from the gate records (whitespace or line endings differ)")
     return derived
+
+
+LOCK, TOKEN, TSA_CERT = "preregistration/lock.json", "preregistration/timestamp.tsr", "preregistration/tsa.pem"
+
+
+def bundled_in_time(contents: Contents) -> InTime | None:
+    """Whether the bundled lock preceded the results, from the lock alone (None: the bundle has no lock)."""
+    return in_time(contents.json(LOCK), LOCK) if LOCK in contents.digests else None
+
+
+def bundled_timestamp(contents: Contents, tsa_cert: bytes | None) -> Stamp | None:
+    """The bundled timestamp over the bundled lock, verified against tsa_cert or else the bundled
+    preregistration/tsa.pem; None when the bundle has no timestamp."""
+    if TOKEN not in contents.digests:
+        return None
+    if tsa_cert is None and TSA_CERT not in contents.data:
+        raise TimestampError(f"{TOKEN}: no trusted TSA certificate to check it against ({TSA_CERT} is missing "
+                             "from the bundle; give one with --tsa-cert)")
+    anchor = tsa_cert if tsa_cert is not None else contents.data[TSA_CERT]
+    return verify_timestamp(contents.data.get(TOKEN, b""), contents.data.get(LOCK, b""), anchor, TOKEN,
+                            "--tsa-cert" if tsa_cert is not None else TSA_CERT)
 
 
 def _short(v: Any, n: int = 160) -> str:

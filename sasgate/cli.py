@@ -27,6 +27,8 @@ Exit codes:
   9  nothing to steer with (no DIM candidate can be scored, no SAE latent separates the classes)
   10 sasgate watch: the reopen condition is met and not yet reported (see sasgate watch --help)
   11 a gate record contradicts its own rows or another record (decide refuses)
+  12 a preregistration timestamp that does not verify (another digest, an untrusted
+     TSA certificate, a malformed token), or the TSA could not be reached
   75 sasgate watch: the Hub could not be read; nothing was claimed or written
 """
 
@@ -162,24 +164,36 @@ def scorer_lock(reason: str) -> None:
 @main.command()
 @click.option("--reason", required=True, help="why the remediation protocol is (re)fixed (kept in the lock history)")
 @click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--tsa", "tsa", metavar="URL", help="also get an RFC 3161 timestamp over the lock from this TSA")
+@click.option("--tsa-cert", "tsa_cert", type=click.Path(dir_okay=False, exists=True),
+              help="the CA certificate (PEM) that issued the TSA's certificate: the timestamp must chain to it (with --tsa)")
 @fails_cleanly
-def preregister(reason: str, params_file: str) -> None:
+def preregister(reason: str, params_file: str, tsa: str | None, tsa_cert: str | None) -> None:
     """Fix the remediation protocol before it runs: write preregistration/lock.json.
 
     Records the sha256 of preregistration/stop_rules.yaml, the protocol params it reads (required
     tuples, model, reconstruction threshold, remediation families and constraints), the git commit
-    and the gate records present now. `remediation` refuses to run when any of it changes (exit 8).
+    and the gate records that exist now (a protocol fixed after them is flagged by `status` and
+    said in decision.json and CLAIMS.md). `remediation` refuses to run when any of it changes
+    (exit 8). With --tsa URL --tsa-cert FILE the lock is timestamped (RFC 3161) and the reply
+    kept in preregistration/timestamp.tsr, the certificate in preregistration/tsa.pem; nothing
+    is written when the TSA fails or its reply does not verify (exit 12).
     """
+    from pathlib import Path
+
     from .errors import ParamsError
+    from .preregistration import check_timestamp, in_time
     from .preregistration import preregister as write_preregistration
 
     if not reason.strip():
         raise ParamsError("a preregistration needs a non-empty --reason")
     paths = Paths.at(".")
-    lock = write_preregistration(load_params(params_file), paths, reason)
-    made_after = ", ".join(f"{g} ({v['status']})" for g, v in lock["made_after"].items()) or "no gate records"
+    lock = write_preregistration(load_params(params_file), paths, reason, tsa, Path(tsa_cert) if tsa_cert else None)
     click.echo(f"preregistered {lock['counts']['rules']} stop rules and {lock['counts']['families']} families "
-               f"(sha256 {lock['sha256']}) at commit {lock['git_commit'] or '(none)'}, after {made_after}")
+               f"(sha256 {lock['sha256']}) at commit {lock['git_commit'] or '(none)'}")
+    click.echo(in_time(lock).text)
+    stamp = check_timestamp(paths)
+    click.echo(f"timestamp: {stamp.gen_time} by {stamp.tsa}" if stamp else "timestamp: none")
 
 
 @main.command()
@@ -187,15 +201,19 @@ def preregister(reason: str, params_file: str) -> None:
 @click.option("--record", "record", type=click.Path(dir_okay=False),
               help="decide a study record (e.g. records/original-study.yaml) instead of this project")
 @click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--tsa-cert", "tsa_cert", type=click.Path(dir_okay=False, exists=True),
+              help="check the preregistration timestamp against this TSA CA certificate (PEM) "
+                   "[default: preregistration/tsa.pem]")
 @fails_cleanly
-def status(as_json: bool, record: str | None, params_file: str) -> None:
+def status(as_json: bool, record: str | None, params_file: str, tsa_cert: str | None) -> None:
     """The decision, every gate (status, key figure, threshold), the reopen conditions, and whether
     the artifacts on disk still match their manifests.
 
     With --record FILE: the study record's figures go through the same state machine; prints its
     decision and CLAIMS.md and whether they reproduce the study's recorded conclusion.
     Exit 1 when something is flagged (a changed artifact, a stale decision, an edited CLAIMS.md,
-    a record whose conclusion is not reproduced).
+    a record whose conclusion is not reproduced, a protocol preregistered after the results it
+    judges). Exit 12 when the preregistration's RFC 3161 timestamp does not verify.
     """
     from . import status as st
 
@@ -203,11 +221,13 @@ def status(as_json: bool, record: str | None, params_file: str) -> None:
         report = st.record_report(record)
         text = st.format_record(report)
     else:
-        report = st.project_report(load_params(params_file), Paths.at("."))
+        from pathlib import Path
+
+        report = st.project_report(load_params(params_file), Paths.at("."), Path(tsa_cert) if tsa_cert else None)
         text = st.format_project(report)
     click.echo(json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) if as_json else text)
-    if report["problems"]:
-        sys.exit(1)
+    if st.exit_code(report):
+        sys.exit(st.exit_code(report))
 
 
 @main.group()

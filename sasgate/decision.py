@@ -29,7 +29,7 @@ from .claims import ABSENT, CATALOGUE, GATES, Facts
 from .consistency import check_records
 from .errors import ArtifactError
 from .gates import GateRecord, Outcome, TupleRef
-from .preregistration import FamilyCoverage, StopRef
+from .preregistration import FamilyCoverage, InTime, StopRef
 from .validation import describe_validation
 
 DECISION_SCHEMA = "sasgate.decision/1"
@@ -110,6 +110,7 @@ class Decision(_Model):
     reopen_conditions: list[ReopenCondition]
     stopped_by: StopRef | None
     coverage: dict[str, str]  # candidate family -> "k/N" or "unavailable: ..."
+    preregistration: InTime | None = None  # ARCHITECTURE.md, "Preregistration"; None: no lock (a study record)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -235,11 +236,11 @@ def _as_tuple(t: TupleRef | Mapping[str, Any]) -> TupleRef:
 
 
 def decide(records: Mapping[str, GateRecord | None], required_tuples: Sequence[TupleRef | Mapping[str, Any]],
-           stated: bool = False) -> Decision:
+           stated: bool = False, preregistration: InTime | None = None) -> Decision:
     """The decision that follows from the gate records (keys: behaviour, stability, reconstruction,
     remediation; None or missing = absent). Pure: no I/O. RecordConsistencyError when a record contradicts
     itself (`stated`: a study record's typed behaviour figures, see sasgate.consistency), ArtifactError
-    when no table row matches."""
+    when no table row matches. `preregistration` (whether the lock preceded the results) is carried as it is."""
     unknown = sorted(set(records) - set(GATES))
     if unknown:
         raise ArtifactError(f"unknown gate records {unknown}; the decision reads {list(GATES)}")
@@ -281,7 +282,7 @@ def decide(records: Mapping[str, GateRecord | None], required_tuples: Sequence[T
         gates={g: gate_summary(records.get(g)) for g in GATES},
         claims=Claims(allowed=allowed, disallowed=disallowed),
         reopen_conditions=_reopen(row, records, required, coverage), stopped_by=stop,
-        coverage={f: c.text for f, c in coverage.items()},
+        coverage={f: c.text for f, c in coverage.items()}, preregistration=preregistration,
     )
 
 
@@ -321,6 +322,19 @@ def _claim_lines(entries: Sequence[ClaimEntry]) -> list[str]:
     return [f"- **{c.id}**: {c.text}  \n  _Rests on: {', '.join(c.rests_on)} ({c.because})._" for c in entries]
 
 
+def _preregistration_lines(p: InTime | None) -> list[str]:
+    """Whether the protocol preceded the results, said plainly (nothing for a decision made without a lock)."""
+    if p is None:
+        return []
+    if not p.preregistered_after_results:
+        return [f"Preregistration: preregistered before results (lock `{p.lock_sha256}`): no gate record existed "
+                "when the protocol these gates are judged by was fixed.", ""]
+    return [f"Preregistration: **preregistered after results**. The protocol these gates are judged by (lock "
+            f"`{p.lock_sha256}`) was fixed after these gate records existed: "
+            + "; ".join(r.text for r in p.preceding_records) + ". Its threshold, required tuples and stop rules "
+            "may have been chosen with those results in view.", ""]
+
+
 def render_claims_md(decision: Decision) -> str:
     """CLAIMS.md: generated from the decision alone, byte-identical for equal decisions. Never edit it."""
     d = decision
@@ -333,6 +347,7 @@ def render_claims_md(decision: Decision) -> str:
         f"Decision: **{d.decision_state}** (active path `{d.active_path}`, phase movement authorized: "
         f"`{str(d.phase_movement_authorized).lower()}`).",
         "",
+        *_preregistration_lines(d.preregistration),
         "## We can claim",
         "",
         *_claim_lines(d.claims.allowed),

@@ -630,7 +630,16 @@ def read_lock(lock_path: str | os.PathLike, *, schema: str, what: str = "locked 
     return record
 
 
-def write_lock(
+def write_lock(lock_path: str | os.PathLike, records: Sequence[Mapping[str, Any]], **kwargs: Any) -> dict[str, Any]:
+    """Lock `records` at `lock_path` (atomically), appending {sha256, reason, time} to the history.
+
+    Takes `build_lock`'s arguments; `build_lock` alone makes the record without writing it."""
+    record = build_lock(lock_path, records, **kwargs)
+    atomic_write_json(lock_path, record)
+    return record
+
+
+def build_lock(
     lock_path: str | os.PathLike,
     records: Sequence[Mapping[str, Any]],
     *,
@@ -642,7 +651,7 @@ def write_lock(
     extra: Mapping[str, Any] | None = None,
     what: str = "locked set",
 ) -> dict[str, Any]:
-    """Lock `records` at `lock_path` (atomically), appending {sha256, reason, time} to the history."""
+    """The lock record `write_lock` writes (the previous lock's history and this entry), not written."""
     if not isinstance(reason, str) or not reason.strip():
         raise ParamsError(f"{what}: a lock needs a non-empty reason (`{RELOCK_HINT}`)")
     previous = read_lock(lock_path, schema=schema, what=what)
@@ -661,7 +670,6 @@ def write_lock(
             "history": history,
         }
     )
-    atomic_write_json(lock_path, record)
     return record
 
 

@@ -3,7 +3,9 @@
 For a project: the decision on disk and whether it still follows from the gate records, every
 gate (status, key figure, threshold), the reopen conditions, whether CLAIMS.md is the one the
 decision renders, whether every artifact still matches its manifest (a changed file is
-flagged), and whether the preregistration still matches the stop rules.
+flagged), whether the preregistration still matches the stop rules, whether it preceded every
+gate record it judges (a protocol fixed after results is flagged), and its RFC 3161 timestamp,
+verified offline (a bad one: exit 12).
 
 For a study record (`records/*.yaml`, schema sasgate.study_record/1): its figures become gate
 records (statuses computed from the figures, e.g. each nMSE against its threshold), which go
@@ -21,11 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from .artifacts import read_json, verify_manifest
 from .claims import GATES
 from .decision import Decision, decide, gate_summary, read_decision, render_claims_md, tuple_label
-from .errors import ArtifactError, PreregistrationError, RecordConsistencyError
+from .errors import ArtifactError, PreregistrationError, RecordConsistencyError, TimestampError
 from .gates import GATE_SCHEMA, GateRecord, TupleRef, compare, read_gate, validate_gate
 from .params import Params
 from .paths import Paths
-from .preregistration import StopRef, load_yaml_model
+from .preregistration import InTime, StopRef, check_timestamp, load_yaml_model, read_in_time
 
 RECORD_SCHEMA = "sasgate.study_record/1"
 
@@ -215,13 +217,42 @@ def _preregistration(params: Params, paths: Paths) -> dict[str, Any]:
             "commit_is_head": commit is not None and commit == head}
 
 
-def project_report(params: Params, paths: Paths) -> dict[str, Any]:
+def _in_time(paths: Paths, tsa_cert: Path | None) -> tuple[InTime | None, dict[str, Any], list[str]]:
+    """The lock's place in time and its timestamp: (facts for decide, the report's fields, problems)."""
+    problems: list[str] = []
+    facts = None
+    try:
+        facts = read_in_time(paths)
+    except PreregistrationError as exc:
+        problems.append(f"preregistration: {exc}")
+    if facts is not None and facts.preregistered_after_results:
+        problems.append(f"preregistration: {facts.text}")
+    try:
+        stamp = check_timestamp(paths, tsa_cert)
+        timestamp = {"ok": True, "stamp": stamp.to_json() if stamp else None,
+                     "message": f"{stamp.gen_time} by {stamp.tsa} over lock.json sha256 {stamp.sha256}" if stamp
+                     else "none (sasgate preregister --tsa URL --tsa-cert FILE adds one)"}
+    except TimestampError as exc:
+        timestamp = {"ok": False, "stamp": None, "message": str(exc)}
+        problems.append(f"preregistration timestamp: {exc}")
+    return facts, {"in_time": facts.model_dump(mode="json") if facts else None, "timestamp": timestamp}, problems
+
+
+def exit_code(report: dict[str, Any]) -> int:
+    """0 nothing flagged; 12 a bad preregistration timestamp; 1 anything else flagged."""
+    if report.get("preregistration", {}).get("timestamp", {}).get("ok") is False:
+        return TimestampError.exit_code
+    return 1 if report["problems"] else 0
+
+
+def project_report(params: Params, paths: Paths, tsa_cert: Path | None = None) -> dict[str, Any]:
     """Everything `sasgate status` shows, as plain JSON, with a list of problems (empty: all consistent)."""
     problems: list[str] = []
     gates = read_gates(paths)
     derived: Decision | None = None
+    in_time, in_time_report, in_time_problems = _in_time(paths, tsa_cert)
     try:
-        derived = decide(gates, required_tuples(params))
+        derived = decide(gates, required_tuples(params), preregistration=in_time)
     except (ArtifactError, RecordConsistencyError) as exc:
         problems.append(f"no decision follows from the gate records: {exc}")
     on_disk = read_decision(paths.decision) if paths.decision.is_file() else None
@@ -239,6 +270,8 @@ def project_report(params: Params, paths: Paths) -> dict[str, Any]:
     prereg = _preregistration(params, paths)
     if prereg["locked"] and not prereg["ok"]:  # goalposts moved after preregistration (no lock at all: not flagged)
         problems.append(f"preregistration: {prereg['message']}")
+    prereg.update(in_time_report)
+    problems += [p for p in in_time_problems if p not in problems]  # an unreadable lock is named once
     return {
         "decision": on_disk.to_json() if on_disk else None,
         "gates": {g: gate_summary(rec).model_dump() for g, rec in gates.items()},
@@ -293,6 +326,9 @@ def format_project(report: dict[str, Any]) -> str:
                      f"{s}: {', '.join(f)}" for s, f in a["changed"].items())))
     p = report["preregistration"]
     lines.append(f"preregistration: {'ok' if p['ok'] else 'NOT OK'}: {p['message']}")
+    if p.get("in_time"):
+        lines.append(f"  {InTime.model_validate(p['in_time']).text}")
+    lines.append(f"  timestamp: {'' if p['timestamp']['ok'] else 'BAD: '}{p['timestamp']['message']}")
     lines += [f"problem: {m}" for m in report["problems"]] or ["no problems: the decision follows from the records"]
     return "\n".join(lines)
 

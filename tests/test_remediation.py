@@ -136,7 +136,8 @@ def test_preregister_cli(root):
     run = [sys.executable, "-m", "sasgate.cli", "preregister"]
     res = subprocess.run([*run, "--reason", "fixed before remediation"], cwd=root, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert "preregistered 3 stop rules and 2 families" in res.stdout and "no gate records" in res.stdout
+    assert "preregistered 3 stop rules and 2 families" in res.stdout
+    assert "preregistered before results: no gate record existed" in res.stdout
     res = subprocess.run([*run, "--reason", " "], cwd=root, capture_output=True, text=True)
     assert res.returncode == 2 and "non-empty --reason" in res.stderr
 

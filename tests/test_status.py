@@ -97,9 +97,16 @@ PARAMS = {"tuples": [{"layer": 0, "site": "resid_pre", "sae": "train"},
 
 @pytest.fixture
 def project(tmp_path) -> Paths:
-    """A project whose gate records are written (constructed) and whose decide stage has run."""
+    """A project preregistered before its gate records were written (constructed); its decide stage has run."""
+    import shutil
+
+    from sasgate.preregistration import preregister
+
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
     paths = Paths.at(tmp_path)
+    paths.stop_rules.parent.mkdir()
+    shutil.copy(REPO / "preregistration" / "stop_rules.yaml", paths.stop_rules)
+    preregister(parse_params(PARAMS), paths, "before the run")
     for rec in (behaviour(), stability(), reconstruction(0.163, 0.195), remediation("stopped", "K2")):
         write_gate(paths.gate(rec.gate), rec)
     write_manifest(paths.manifest("reconstruction"), "reconstruction", [paths.gate("reconstruction")], paths.root)
@@ -112,7 +119,8 @@ def test_project_status_is_clean_after_decide(project):
     assert report["decision"]["decision_state"] == "conditional_hold"
     assert report["gates"]["reconstruction"]["key_figure"] == 0.195
     assert report["artifacts"] == {"manifests": 2, "files": 3, "changed": {}}
-    assert report["preregistration"]["ok"] is False  # this constructed project never preregistered
+    assert report["preregistration"]["ok"] is True
+    assert report["preregistration"]["in_time"]["preregistered_after_results"] is False
     assert report["problems"] == []
     res = sasgate("status", cwd=project.root)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -141,13 +149,6 @@ def test_status_without_a_decision_says_so(tmp_path):
 
 
 def test_a_protocol_changed_after_preregistration_is_flagged(project):
-    import shutil
-
-    from sasgate.preregistration import preregister
-
-    project.stop_rules.parent.mkdir(exist_ok=True)
-    shutil.copy(REPO / "preregistration" / "stop_rules.yaml", project.stop_rules)
-    preregister(parse_params(PARAMS), project, "before the run")
     assert project_report(parse_params(PARAMS), project)["problems"] == []
     moved = parse_params({**PARAMS, "reconstruction": {"threshold": 0.2}})  # the goalposts, after the fact
     problems = project_report(moved, project)["problems"]
