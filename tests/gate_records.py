@@ -34,7 +34,7 @@ def reconstruction(*observed: float, threshold: float = 0.12) -> GateRecord:
 
 
 def remediation(outcome: str, rule: str = "K2", hub: str = "unavailable: hub unreachable (test)",
-                failing: tuple[int, ...] = (0, 1)) -> GateRecord:
+                failing: tuple[int, ...] = (0, 1), threshold: float = 0.12) -> GateRecord:
     """outcome: not_needed, found (status pass) or stopped (status fail, stopped by `rule`); `failing`: the
     indexes of TUPLES that failed reconstruction (their rows pass or fail, the others are not_needed)."""
     status = {"not_needed": "not_needed", "found": "pass", "stopped": "fail"}[outcome]
@@ -53,7 +53,8 @@ def remediation(outcome: str, rule: str = "K2", hub: str = "unavailable: hub unr
                                   if outcome == "stopped" else None),
                    "coverage": {"A": {"available": True, "covered": 0, "required": 2, "text": "0/2"},
                                 "B": {"available": False, "covered": None, "required": 2, "text": hub}}}
-    return gate("remediation", status, per_tuple=rows, details=details, metric="nmse", threshold=0.12, comparison="<=")
+    return gate("remediation", status, per_tuple=rows, details=details, metric="nmse", threshold=threshold,
+                comparison="<=")
 
 
 def comparison(kind: str, operator: str, ci: tuple[float, float], *, dim_strength: float | None = 1.0,

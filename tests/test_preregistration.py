@@ -48,7 +48,7 @@ def paths(tmp_path) -> Paths:
 def write_results(paths: Paths, threshold: float = 0.12) -> None:
     """Gate records as a run gives them: nMSE 0.163 and 0.195 fail at 0.12 (stopped by K2), pass at 0.2."""
     recon = reconstruction(0.163, 0.195, threshold=threshold)
-    rem = remediation("not_needed") if recon.status == "pass" else remediation("stopped", "K2")
+    rem = remediation("not_needed" if recon.status == "pass" else "stopped", "K2", threshold=threshold)
     for rec in (behaviour(), stability(), recon, rem):
         write_gate(paths.gate(rec.gate), rec)
 
