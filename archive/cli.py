@@ -8,13 +8,19 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 import click
 
-from sasgate.errors import NotVerifiedError
+from sasgate.errors import NotVerifiedError, SasgateError
 
 from . import keys
+from .terminal import safe, safe_lines
+
+if TYPE_CHECKING:
+    from sasgate.decision import Decision
+
+    from .bundle import BundleInfo
 
 ARCHIVE_EXIT_CODES = """\b
 Exit codes (export, keygen):
@@ -32,13 +38,20 @@ Exit codes (verify):
 
 
 def fails_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """sasgate.cli.fails_cleanly, looked up at call time: sasgate.cli imports this module to register it."""
+    """One message on stderr and the error's exit code, as sasgate.cli.fails_cleanly, with bundle text escaped.
+
+    A NotVerifiedError quotes the bundle, so it is printed on one line, every non-printable
+    character escaped; other errors keep their own line breaks (terminal.safe_lines).
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from sasgate.cli import fails_cleanly as wrap
-
-        return wrap(fn)(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except SasgateError as exc:
+            message = safe(exc) if isinstance(exc, NotVerifiedError) else safe_lines(str(exc))
+            click.echo(f"error: {message}", err=True)
+            sys.exit(exc.exit_code)
 
     return wrapper
 
@@ -122,27 +135,28 @@ def _load_public(ctx: click.Context, param: click.Parameter, value: str) -> Any:
         raise click.BadParameter(str(exc)) from None
 
 
-def _decision_lines(decision: dict[str, Any]) -> list[str]:
-    lines = [f"decision: {decision.get('decision_state')} (active path {decision.get('active_path')}, "
-             f"phase movement authorized: {str(decision.get('phase_movement_authorized')).lower()})",
-             "gates: " + ", ".join(f"{g} {s.get('status')}" for g, s in decision.get("gates", {}).items())]
-    claims = decision.get("claims", {})
-    for title, kind in (("we can claim", "allowed"), ("we cannot claim", "disallowed")):
+def _decision_lines(d: Decision) -> list[str]:
+    """A typed decision as text; every string in it may come from a bundle, so each is escaped."""
+    lines = [f"decision: {safe(d.decision_state)} (active path {safe(d.active_path)}, "
+             f"phase movement authorized: {str(d.phase_movement_authorized).lower()})",
+             "gates: " + ", ".join(f"{safe(g)} {safe(s.status)}" for g, s in d.gates.items())]
+    for title, entries in (("we can claim", d.claims.allowed), ("we cannot claim", d.claims.disallowed)):
         lines.append(f"{title}:")
-        lines += [f"  - {c.get('id')}: {c.get('text')}" for c in claims.get(kind, [])] or ["  (none)"]
+        lines += [f"  - {safe(c.id)}: {safe(c.text)}" for c in entries] or ["  (none)"]
     lines.append("reopen condition:")
-    for r in decision.get("reopen_conditions", []) or [{"kind": "none", "text": "nothing is closed"}]:
-        tuples = "; ".join(f"{t['model']} L{t['layer']} {t['site']}" for t in r.get("required_tuples", []))
-        lines.append(f"  - ({r.get('kind')}) {r.get('text')}" + (f" Required tuples: {tuples}." if tuples else ""))
+    for r in d.reopen_conditions:
+        tuples = "; ".join(f"{safe(t.model)} L{t.layer} {safe(t.site)}" for t in r.required_tuples)
+        lines.append(f"  - ({safe(r.kind)}) {safe(r.text)}" + (f" Required tuples: {tuples}." if tuples else ""))
+    if not d.reopen_conditions:
+        lines.append("  - (none) nothing is closed")
     return lines
 
 
-def _large_line(info: dict[str, Any]) -> str:
-    rows = info.get("large_artifacts", [])
-    included = sum(bool(a.get("included")) for a in rows)
-    remote = info.get("dvc_remote")
-    where = f"`dvc pull` from remote {remote['name']} ({remote['url']})" if remote else "no DVC remote recorded"
-    return f"large artifacts: {len(rows)} listed by sha256 + DVC md5, {included} included; {where}"
+def _large_line(info: BundleInfo) -> str:
+    included = sum(a.included for a in info.large_artifacts)
+    remote = info.dvc_remote
+    where = f"`dvc pull` from remote {safe(remote.name)} ({safe(remote.url)})" if remote else "no DVC remote recorded"
+    return f"large artifacts: {len(info.large_artifacts)} listed by sha256 + DVC md5, {included} included; {where}"
 
 
 @archive.command()
@@ -166,13 +180,12 @@ def verify(file: str, public_key: Any, reproduce: bool, workdir: str | None, as_
 
 
 def _verify(file: str, public_key: Any, work: Path | None, as_json: bool) -> None:
+    from .bundle import BundleInfo
     from .reproduce import reproduce as do_reproduce
     from .verify import verify as do_verify
 
     report: dict[str, Any] = {"bundle": file, "verified": False}
-    try:
-        if work is not None:
-            (work / "bundle").mkdir(parents=True)
+    try:  # the tree reaches work/bundle only once it verified (a rejected bundle leaves work absent or empty)
         v = do_verify(file, public_key, extract_to=work / "bundle" if work else None)
     except Exception as exc:  # fail closed: an unexpected error is never a pass
         reason = str(exc) if isinstance(exc, NotVerifiedError) else \
@@ -181,11 +194,12 @@ def _verify(file: str, public_key: Any, work: Path | None, as_json: bool) -> Non
     report.update(verified=True, keyid=v.keyid, signer=v.signer_name, checks=list(v.checks),
                   git=v.info.get("git"), decision=v.decision.to_json())
     if not as_json:
-        click.echo(f"VERIFIED {file}")
-        click.echo(f"signed by: {v.keyid} (the key given)" + (f", name {v.signer_name!r}" if v.signer_name else ""))
-        git = v.info.get("git", {})
-        click.echo(f"git commit: {git.get('commit')} (dirty: {'yes' if git.get('dirty') else 'no'})")
-        for line in _decision_lines(v.decision.to_json()) + [_large_line(v.info), "checks: " + ", ".join(v.checks)]:
+        info = BundleInfo.model_validate(v.info)
+        click.echo(f"VERIFIED {safe(file)}")
+        click.echo(f"signed by: {v.keyid} (the key given)"
+                   + (f", name {safe(repr(v.signer_name))}" if v.signer_name else ""))
+        click.echo(f"git commit: {safe(info.git.commit)} (dirty: {'yes' if info.git.dirty else 'no'})")
+        for line in _decision_lines(v.decision) + [_large_line(info), "checks: " + ", ".join(v.checks)]:
             click.echo(line)
     if work is not None:
         if not as_json:
@@ -205,19 +219,21 @@ def _verify(file: str, public_key: Any, work: Path | None, as_json: bool) -> Non
 def _fail(report: dict[str, Any], as_json: bool, label: str, reason: str) -> NoReturn:
     report["reason"] = reason
     if not as_json:
-        click.echo(f"{label}: {reason}", err=True)
+        click.echo(f"{label}: {safe(reason)}", err=True)
     _finish(report, as_json, 1)
 
 
 def _print_outcome(outcome: Any) -> None:
     click.echo(f"reproduce: {outcome.verdict} ({outcome.n_artifacts} artifacts compared)")
-    click.echo(f"  {outcome.reason}")
+    click.echo(f"  {safe(outcome.reason)}")
+    for flip in outcome.flips[1:]:
+        click.echo(f"  also flipped: {safe(flip)}")
     if outcome.differing:
-        click.echo(f"  first differing artifact: {outcome.first_difference} ({len(outcome.differing)} differ)")
+        click.echo(f"  first differing artifact: {safe(outcome.first_difference)} ({len(outcome.differing)} differ)")
     t = outcome.tolerances
-    click.echo(f"  tolerances: |new - old| <= {t['atol']} + {t['rtol']} * |old| on every gate figure"
-               + (f"; worst: {outcome.worst_figure}" if outcome.worst_figure else ""))
-    click.echo(f"  ran: {outcome.code}")
+    click.echo(f"  tolerances: |new - old| <= {safe(t['atol'])} + {safe(t['rtol'])} * |old| on every gate figure"
+               + (f"; worst: {safe(outcome.worst_figure)}" if outcome.worst_figure else ""))
+    click.echo(f"  ran: {safe(outcome.code)}")
 
 
 def _finish(report: dict[str, Any], as_json: bool, code: int) -> NoReturn:
@@ -231,34 +247,49 @@ def _finish(report: dict[str, Any], as_json: bool, code: int) -> NoReturn:
 @click.option("--json", "as_json", is_flag=True, help="print the contents as JSON")
 @fails_cleanly
 def show(file: str, as_json: bool) -> None:
-    """List what FILE holds WITHOUT verifying it (run `verify` before trusting any of it)."""
-    from . import bundle
+    """List what FILE holds WITHOUT verifying it (run `verify` before trusting any of it).
+
+    Read under verify's limits; a malformed record (decision.json, bundle.json, the envelope)
+    exits 1 naming the file and field. Every string from the bundle is escaped for the terminal.
+    """
+    from pydantic import ValidationError
+
+    from sasgate.decision import validate_decision
+
+    from . import bundle, dsse
     from .verify import read_bundle
 
     c = read_bundle(file)
-    def load(name: str) -> Any:
+    try:
+        decision = validate_decision(c.json("decision.json"), "decision.json") if "decision.json" in c.digests \
+            else None
+    except NotVerifiedError:
+        raise
+    except SasgateError as exc:  # malformed: exit 1 like every other unverifiable bundle
+        raise NotVerifiedError(str(exc)) from None
+    info = bundle.validate_bundle_info(c.json(bundle.BUNDLE_INFO), NotVerifiedError) \
+        if bundle.BUNDLE_INFO in c.digests else None
+    claimed: list[str] = []
+    if bundle.ENVELOPE in c.digests:
         try:
-            return json.loads(c.data[name])
-        except (KeyError, ValueError):
-            return None
-
-    decision, info, envelope = load("decision.json"), load(bundle.BUNDLE_INFO), load(bundle.ENVELOPE)
-    claimed = [s.get("keyid") for s in (envelope or {}).get("signatures", []) if isinstance(s, dict)]
+            claimed = [s.keyid for s in dsse.Envelope.model_validate(c.json(bundle.ENVELOPE)).signatures]
+        except ValidationError as exc:
+            raise NotVerifiedError(f"{bundle.ENVELOPE}: not a DSSE envelope ({exc.errors()[0]['msg']})") from None
     if as_json:
         click.echo(json.dumps({"unverified": True, "bundle": file, "claimed_signers": claimed,
                                "files": [{"name": n, "size": c.sizes[n], "sha256": d} for n, d in c.digests.items()],
-                               "decision": decision, "bundle_info": info}, indent=2, sort_keys=True))
+                               "decision": decision.to_json() if decision else None,
+                               "bundle_info": c.json(bundle.BUNDLE_INFO) if info else None},
+                              indent=2, sort_keys=True))
         return
-    click.echo(f"UNVERIFIED contents of {file}: nothing below has been checked. "
-               f"Run `sasgate archive verify {file} --key PUB` before trusting it.")
-    click.echo(f"claimed signer key ids (unchecked): {', '.join(map(str, claimed)) or 'none'}")
-    if isinstance(decision, dict):
-        for line in _decision_lines(decision):
-            click.echo(f"[unverified] {line}")
-    if isinstance(info, dict):
-        git = info.get("git", {})
-        click.echo(f"[unverified] git commit: {git.get('commit')} (dirty: {git.get('dirty')})")
+    click.echo(f"UNVERIFIED contents of {safe(file)}: nothing below has been checked. "
+               f"Run `sasgate archive verify {safe(file)} --key PUB` before trusting it.")
+    click.echo(f"claimed signer key ids (unchecked): {', '.join(safe(k or '(none)') for k in claimed) or 'none'}")
+    for line in _decision_lines(decision) if decision else ["decision.json: missing"]:
+        click.echo(f"[unverified] {line}")
+    if info:
+        click.echo(f"[unverified] git commit: {safe(info.git.commit)} (dirty: {str(info.git.dirty).lower()})")
         click.echo(f"[unverified] {_large_line(info)}")
     click.echo(f"files ({len(c.digests)}, {sum(c.sizes.values())} bytes):")
     for name in c.digests:
-        click.echo(f"  {c.sizes[name]:>12}  {name}")
+        click.echo(f"  {c.sizes[name]:>12}  {safe(name)}")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +14,7 @@ import pytest
 import yaml
 
 from gate_records import behaviour, reconstruction, remediation, stability
-from sasgate.artifacts import write_manifest
+from sasgate.artifacts import read_manifest, write_manifest
 from sasgate.errors import ArtifactError
 from sasgate.gates import write_gate
 from sasgate.params import parse_params
@@ -92,30 +95,59 @@ def test_bad_records_are_refused(tmp_path, edit, named):
 
 PARAMS = {"tuples": [{"layer": 0, "site": "resid_pre", "sae": "train"},
                      {"layer": 1, "site": "resid_post", "sae": "train"}]}
+NO_CACHE = {"cache": False}
+# a two-stage pipeline whose outputs the fixture writes itself; `dvc commit` records them in dvc.lock
+DVC_YAML = {"stages": {
+    "reconstruction": {"cmd": "true", "deps": ["params.yaml"],
+                       "outs": [{"gates/reconstruction.json": NO_CACHE}, {"manifests/reconstruction.json": NO_CACHE}]},
+    "decide": {"cmd": "true", "deps": ["gates/reconstruction.json"],
+               "outs": [{"decision.json": NO_CACHE}, {"CLAIMS.md": NO_CACHE}, {"manifests/decide.json": NO_CACHE}]},
+}}
 
 
-@pytest.fixture
-def project(tmp_path) -> Paths:
-    """A project whose gate records are written (constructed) and whose decide stage has run."""
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    paths = Paths.at(tmp_path)
+def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True,
+                         env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res
+
+
+@pytest.fixture(scope="module")
+def project_template(tmp_path_factory) -> Path:
+    """A real DVC project (no git) whose gate records are constructed, decide has run, dvc.lock committed."""
+    root = tmp_path_factory.mktemp("status") / "project"
+    root.mkdir()
+    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    (root / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML, sort_keys=False))
+    paths = Paths.at(root)
     for rec in (behaviour(), stability(), reconstruction(0.163, 0.195), remediation("stopped", "K2")):
         write_gate(paths.gate(rec.gate), rec)
     write_manifest(paths.manifest("reconstruction"), "reconstruction", [paths.gate("reconstruction")], paths.root)
     decide_stage.run(parse_params(PARAMS), paths)
-    return paths
+    dvc(root, "init", "--no-scm", "-q")
+    dvc(root, "commit", "-f", "-q")
+    return root
+
+
+@pytest.fixture
+def project(project_template, tmp_path) -> Paths:
+    return Paths.at(shutil.copytree(project_template, tmp_path / "project"))
+
+
+def problems_of(paths: Paths) -> list[str]:
+    return project_report(parse_params(PARAMS), paths)["problems"]
 
 
 def test_project_status_is_clean_after_decide(project):
     report = project_report(parse_params(PARAMS), project)
     assert report["decision"]["decision_state"] == "conditional_hold"
     assert report["gates"]["reconstruction"]["key_figure"] == 0.195
-    assert report["artifacts"] == {"manifests": 2, "files": 3, "changed": {}}
+    assert report["artifacts"] == {"stages": 2, "manifests": 2, "files": 3, "flagged": {}}
     assert report["preregistration"]["ok"] is False  # this constructed project never preregistered
     assert report["problems"] == []
     res = sasgate("status", cwd=project.root)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "decision: conditional_hold" in res.stdout and "all match" in res.stdout
+    assert "decision: conditional_hold" in res.stdout and "all match (manifests and dvc status)" in res.stdout
 
 
 def test_an_edited_claims_md_and_a_changed_gate_record_are_flagged(project):
@@ -128,8 +160,83 @@ def test_an_edited_claims_md_and_a_changed_gate_record_are_flagged(project):
     assert res.returncode == 1
     problems = json.loads(res.stdout)["problems"]
     assert any("CLAIMS.md" in p and "edited" in p for p in problems)
-    assert any("artifacts changed" in p and "gates/reconstruction.json" in p for p in problems)
+    assert "stage reconstruction: gates/reconstruction.json differs from manifests/reconstruction.json" in problems
+    assert "stage decide: CLAIMS.md differs from manifests/decide.json" in problems
+    assert "stage reconstruction: dvc status: changed outs: gates/reconstruction.json (modified)" in problems
     assert any("no decision follows" in p or "no longer follows" in p for p in problems)
+
+
+@pytest.mark.parametrize("remove, named", [
+    ("manifests/decide.json", ["stage decide: manifest manifests/decide.json is missing",
+                               "stage decide: dvc status: changed outs: manifests/decide.json (deleted)"]),
+    ("gates/reconstruction.json", ["stage reconstruction: out gates/reconstruction.json is missing",
+                                   "stage reconstruction: gates/reconstruction.json is missing (listed in "
+                                   "manifests/reconstruction.json)",
+                                   "stage reconstruction: dvc status: changed outs: gates/reconstruction.json "
+                                   "(deleted)"]),
+])
+def test_a_missing_manifest_or_out_is_flagged_naming_the_stage(project, remove, named):
+    """The old status checked only the manifests that exist: a deleted one, with its outs, passed as clean."""
+    (project.root / remove).unlink()
+    problems = problems_of(project)
+    for text in named:
+        assert text in problems
+    res = sasgate("status", cwd=project.root)
+    assert res.returncode == 1 and f"problem: {named[0]}" in res.stdout
+
+
+def test_an_out_rewritten_with_its_manifest_is_caught_by_dvc_lock(project):
+    """Manifest and file agree (as when a stage is run by hand outside DVC), but dvc.lock does not."""
+    rec = json.loads(project.gate("reconstruction").read_text())
+    rec["reason"] = "rewritten by hand"
+    project.gate("reconstruction").write_text(json.dumps(rec, sort_keys=True, indent=2) + "\n")
+    write_manifest(project.manifest("reconstruction"), "reconstruction", [project.gate("reconstruction")],
+                   project.root)
+    problems = problems_of(project)
+    assert "stage reconstruction: dvc status: changed outs: gates/reconstruction.json (modified)" in problems
+    assert not any("differs from manifests" in p for p in problems)
+
+
+def test_unlisted_and_foreign_files_and_stray_manifests_are_flagged(project):
+    m = json.loads(project.manifest("decide").read_text())
+    m["files"]["gates/behaviour.json"] = {"sha256": "0" * 64, "size": 1}  # another stage's file
+    del m["files"]["CLAIMS.md"]
+    project.manifest("decide").write_text(json.dumps(m))
+    (project.root / "manifests" / "old_stage.json").write_text("{}")
+    problems = problems_of(project)
+    assert "stage decide: manifests/decide.json lists gates/behaviour.json, which is not an out of this stage" in problems
+    assert "stage decide: CLAIMS.md is not in manifests/decide.json" in problems
+    assert "stage old_stage: manifests/old_stage.json: no stage in dvc.yaml declares it" in problems
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda m: m["files"]["CLAIMS.md"].update(size="12"), "files.CLAIMS.md.size"),
+    (lambda m: m["files"]["CLAIMS.md"].pop("sha256"), "files.CLAIMS.md.sha256"),
+    (lambda m: m.update(stage="other"), "stage"),
+    (lambda m: m.update(extra=1), "extra"),
+    (lambda m: m["files"].update({"../escape": m["files"]["CLAIMS.md"]}), "not a project-relative posix path"),
+])
+def test_a_malformed_manifest_is_an_error_naming_file_and_field(project, edit, field):
+    m = json.loads(project.manifest("decide").read_text())
+    edit(m)
+    project.manifest("decide").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match=f"manifests/decide.json: invalid manifest: .*{re.escape(field)}") as exc:
+        read_manifest(project.manifest("decide"))
+    assert exc.value.exit_code == 5
+    assert any(p.startswith("stage decide: ") and field in p and "manifests/decide.json" in p
+               for p in problems_of(project))
+
+
+def test_a_stage_without_a_manifest_and_a_project_dvc_cannot_read_are_flagged(project):
+    spec = yaml.safe_load((project.root / "dvc.yaml").read_text())
+    spec["stages"]["decide"]["outs"] = [o for o in spec["stages"]["decide"]["outs"] if "manifests/decide.json" not in o]
+    (project.root / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    problems = problems_of(project)
+    assert "stage decide: dvc.yaml declares no manifest manifests/decide.json for it" in problems
+    shutil.rmtree(project.root / ".dvc")
+    assert any(p.startswith("stage dvc status: dvc status failed") for p in problems_of(project))
+    (project.root / "dvc.yaml").unlink()
+    assert any(p.startswith("stage dvc.yaml: missing dvc.yaml") for p in problems_of(project))
 
 
 def test_status_without_a_decision_says_so(tmp_path):
@@ -140,8 +247,6 @@ def test_status_without_a_decision_says_so(tmp_path):
 
 
 def test_a_protocol_changed_after_preregistration_is_flagged(project):
-    import shutil
-
     from sasgate.preregistration import preregister
 
     project.stop_rules.parent.mkdir(exist_ok=True)
