@@ -25,33 +25,38 @@ if TYPE_CHECKING:
 ARCHIVE_EXIT_CODES = """\b
 Exit codes (export, keygen):
   0   success
-  2   usage error
-  5   missing or corrupt artifact (e.g. no decision.json: run dvc repro)
+  2   usage error (also a negative or non-finite --rtol/--atol)
+  5   missing or corrupt artifact (e.g. no decision.json: run dvc repro;
+      a malformed manifest, naming file and field)
   20  the workspace does not match dvc.lock or the sha256 manifests
   21  key file unsafe (readable by others), unreadable, not Ed25519,
       or a private key among the files to bundle
-Exit codes (verify):
+Exit codes (verify, show):
   0   verified (with --reproduce: and bit-exact or decision-equivalent)
   1   not verified, or not reproduced: the first reason names the file
+      (show: an unreadable or malformed bundle)
   2   usage error (bad arguments, unreadable public key)
 """
 
 
 def fails_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """One message on stderr and the error's exit code, as sasgate.cli.fails_cleanly, with bundle text escaped.
-
-    A NotVerifiedError quotes the bundle, so it is printed on one line, every non-printable
-    character escaped; other errors keep their own line breaks (terminal.safe_lines).
-    """
+    """sasgate.cli.fails_cleanly (looked up at call time: sasgate.cli imports this module to register it),
+    with the message escaped first: a NotVerifiedError quotes the bundle, so it is printed on one line with
+    every non-printable character escaped; other errors keep their own line breaks (terminal.safe_lines)."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def escaped(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except SasgateError as exc:
-            message = safe(exc) if isinstance(exc, NotVerifiedError) else safe_lines(str(exc))
-            click.echo(f"error: {message}", err=True)
-            sys.exit(exc.exit_code)
+            text = safe(exc) if isinstance(exc, NotVerifiedError) else safe_lines(str(exc))
+            raise type(exc)(text) from None
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from sasgate.cli import fails_cleanly as wrap
+
+        return wrap(escaped)(*args, **kwargs)
 
     return wrapper
 
@@ -100,9 +105,9 @@ def keygen(out_dir: str, fmt: str, passphrase_file: str | None, ask_passphrase: 
 @click.option("--passphrase-file", type=click.Path(dir_okay=False),
               help="passphrase of an encrypted key (or set SASGATE_KEY_PASSPHRASE; prompted on a terminal)")
 @click.option("--signer", help="a name for the signer, recorded in the signed statement")
-@click.option("--rtol", type=float, default=None, help="relative tolerance for decision-equivalent re-runs "
+@click.option("--rtol", type=float, default=None, help="relative tolerance for decision-equivalent re-runs, >= 0 "
               "[default: 0.05]")
-@click.option("--atol", type=float, default=None, help="absolute tolerance for decision-equivalent re-runs "
+@click.option("--atol", type=float, default=None, help="absolute tolerance for decision-equivalent re-runs, >= 0 "
               "[default: 0.001]")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @fails_cleanly

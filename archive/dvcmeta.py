@@ -41,7 +41,8 @@ class Stage:
 
 
 def _load(path: Path) -> dict[str, Any]:
-    raw = read_yaml(path, ArtifactError, f"missing {path.name}: run `dvc repro` first")
+    hint = "run `dvc repro` first" if path.name == "dvc.lock" else "not the root of a DVC project"
+    raw = read_yaml(path, ArtifactError, f"missing {path.name}: {hint}")
     if not isinstance(raw, dict) or not isinstance(raw.get("stages"), dict):
         raise ArtifactError(f"{path.name}: no `stages` mapping")
     return raw

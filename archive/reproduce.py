@@ -219,8 +219,8 @@ def verdicts(root: Path) -> dict[str, Any]:
     decision-equivalent. The one place this list is kept (ARCHITECTURE.md, "The archive contract")."""
     out: dict[str, Any] = {}
     d = _record(root / "decision.json")
-    if isinstance(d, str):
-        out["decision.json"] = d
+    if isinstance(d, str):  # absent or unreadable: under the label a readable one's state would have
+        out["decision.json decision_state"] = d
     else:
         for k in DECISION_FIELDS:
             out[f"decision.json {k}"] = d.get(k)
@@ -235,7 +235,7 @@ def verdicts(root: Path) -> dict[str, Any]:
         rel = f"gates/{gate}.json"
         rec = _record(root / rel, gate)
         if isinstance(rec, str):
-            out[rel] = rec
+            out[f"{rel} status"] = rec
         else:
             out.update(_gate_verdicts(rel, rec))
     return out

@@ -149,8 +149,9 @@ def check_signer(statement: dsse.Statement, keyid: str) -> None:
     signer = statement.predicate.get("signer")
     named = signer.get("keyid") if isinstance(signer, dict) else None
     if named != keyid:
-        raise NotVerifiedError(f"{bundle.ENVELOPE}: the signed statement names signer key {_short(named)}, but it "
-                               f"verified with the given key {keyid}")
+        what = f"signer key {_short(named)}" if isinstance(named, str) else "no signer key"
+        raise NotVerifiedError(f"{bundle.ENVELOPE}: the signed statement names {what}, but it verified with the "
+                               f"given key {keyid}")
 
 
 def _verify(contents: Contents, key: Ed25519PublicKey) -> Verified:

@@ -188,12 +188,14 @@ def preregister(reason: str, params_file: str) -> None:
 @fails_cleanly
 def status(as_json: bool, record: str | None, params_file: str) -> None:
     """The decision, every gate (status, key figure, threshold), the reopen conditions, and whether
-    the artifacts on disk still match their manifests.
+    what is on disk is what the pipeline wrote: for every stage dvc.yaml declares, its manifest
+    exists and is well-formed, every out exists, matches it and is listed in it, and `dvc status`
+    reports nothing (each problem names the stage).
 
     With --record FILE: the study record's figures go through the same state machine; prints its
     decision and CLAIMS.md and whether they reproduce the study's recorded conclusion.
-    Exit 1 when something is flagged (a changed artifact, a stale decision, an edited CLAIMS.md,
-    a record whose conclusion is not reproduced).
+    Exit 1 when something is flagged (a missing or changed artifact or manifest, a stale decision,
+    an edited CLAIMS.md, a record whose conclusion is not reproduced).
     """
     from . import status as st
 

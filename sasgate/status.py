@@ -220,10 +220,11 @@ def _outputs(paths: Paths) -> dict[str, Any]:
     from .archive.dvcmeta import declared_outs, dvc_status
 
     flagged: dict[str, list[str]] = {}
+    errors: list[str] = []  # what belongs to no stage: an unreadable dvc.yaml, a stray manifest, dvc failing
     try:
         declared = declared_outs(paths.root)
     except ArtifactError as exc:
-        return {"stages": 0, "manifests": 0, "files": 0, "flagged": {"dvc.yaml": [str(exc)]}}
+        declared, errors = {}, [str(exc)]
     files = manifests = 0
     for stage, outs in declared.items():
         problems, n = _stage_problems(paths, stage, outs)
@@ -231,17 +232,16 @@ def _outputs(paths: Paths) -> dict[str, Any]:
         if problems:
             flagged[stage] = problems
     known = {paths.rel(paths.manifest(s)) for s in declared}
-    for stray in sorted(paths.manifest("-").parent.glob("*.json")):
-        if paths.rel(stray) not in known:
-            flagged.setdefault(stray.stem, []).append(f"{paths.rel(stray)}: no stage in dvc.yaml declares it")
+    errors += [f"{paths.rel(m)}: no stage in dvc.yaml declares it"
+               for m in sorted(paths.manifest("-").parent.glob("*.json")) if paths.rel(m) not in known]
     try:
         changes = dvc_status(paths.root)
     except ArtifactError as exc:
-        flagged.setdefault("dvc status", []).append(str(exc))
+        errors.append(str(exc))
         changes = []
     for c in changes:
         flagged.setdefault(c.stage, []).append(f"dvc status: {c.describe()}")
-    return {"stages": len(declared), "manifests": manifests, "files": files, "flagged": flagged}
+    return {"stages": len(declared), "manifests": manifests, "files": files, "flagged": flagged, "errors": errors}
 
 
 def _preregistration(params: Params, paths: Paths) -> dict[str, Any]:
@@ -280,6 +280,7 @@ def project_report(params: Params, paths: Paths) -> dict[str, Any]:
         if md != render_claims_md(on_disk):
             problems.append(f"{paths.rel(paths.claims_md)} is {'missing' if md is None else 'not the text decision.json renders (edited?)'}")
     artifacts = _outputs(paths)
+    problems += artifacts["errors"]
     for stage, found in artifacts["flagged"].items():
         problems += [f"stage {stage}: {p}" for p in found]
     prereg = _preregistration(params, paths)
@@ -334,8 +335,9 @@ def format_project(report: dict[str, Any]) -> str:
     lines = format_decision(report["decision"], report["gates"])
     a = report["artifacts"]
     lines.append(f"artifacts: {a['files']} files in {a['manifests']} manifests of {a['stages']} stages"
-                 + (", all match (manifests and dvc status)" if not a["flagged"]
-                    else ", FLAGGED: " + ", ".join(f"{s} ({len(f)})" for s, f in a["flagged"].items())))
+                 + (", all match (manifests and dvc status)" if not a["flagged"] and not a["errors"]
+                    else ", FLAGGED: " + ", ".join([f"{s} ({len(f)})" for s, f in a["flagged"].items()]
+                                                   + (["not checked: see the problems"] if a["errors"] else []))))
     p = report["preregistration"]
     lines.append(f"preregistration: {'ok' if p['ok'] else 'NOT OK'}: {p['message']}")
     lines += [f"problem: {m}" for m in report["problems"]] or ["no problems: the decision follows from the records"]
