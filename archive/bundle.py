@@ -22,9 +22,11 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator, Literal
 
-from sasgate.errors import ArtifactError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sasgate.errors import ArtifactError, SasgateError
 
 FIXED_MTIME = 0
 FILE_MODE = 0o644
@@ -39,6 +41,73 @@ ENVIRONMENT = f"{META_DIR}/environment.json"
 ENVELOPE = f"{META_DIR}/statement.dsse.json"  # the one file the statement does not list
 BUNDLE_SCHEMA = "sasgate.bundle/1"
 PREDICATE_SCHEMA = "sasgate.negative-result/1"
+
+
+class _Info(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+class Tolerances(_Info):
+    """How far a re-run's gate figures may move and still be decision-equivalent: |new - old| <= atol + rtol*|old|."""
+
+    rtol: float = Field(ge=0)
+    atol: float = Field(ge=0)
+    rule: str
+
+
+class GitInfo(_Info):
+    commit: str | None
+    commit_date: str | None
+    dirty: bool
+    dirty_paths: list[str]
+    untracked_included: list[str]
+
+
+class LargeArtifact(_Info):
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+    md5: str
+    out: str
+    out_md5: str | None
+    stage: str
+    included: bool
+
+
+class Remote(_Info):
+    name: str
+    url: str
+
+
+class Signer(_Info):
+    keyid: str
+    name: str | None
+
+
+class BundleInfo(_Info):
+    """`_sasgate/bundle.json`: what export knew that the project files do not say."""
+
+    schema_: Literal["sasgate.bundle/1"] = Field(alias="schema")
+    sasgate_version: str
+    git: GitInfo
+    stages: list[str]
+    dvc_remote: Remote | None
+    include_large: bool
+    large_artifacts: list[LargeArtifact]
+    tolerances: Tolerances
+    signer: Signer
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False, populate_by_name=True)
+
+
+def validate_bundle_info(raw: Any, error: type[SasgateError]) -> BundleInfo:
+    """bundle.json typed; a malformed one (negative tolerances included) is one `error` naming the field."""
+    from sasgate.validation import describe_validation
+
+    try:
+        return BundleInfo.model_validate(raw)
+    except ValidationError as exc:
+        raise error(f"{BUNDLE_INFO}: invalid: {describe_validation(exc)}") from None
 
 
 def reserved(name: str) -> bool:

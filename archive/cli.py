@@ -8,25 +8,33 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 import click
 
-from sasgate.errors import NotVerifiedError, TimestampError
+from sasgate.errors import NotVerifiedError, SasgateError, TimestampError
 
 from . import keys
+from .terminal import safe, safe_lines
+
+if TYPE_CHECKING:
+    from sasgate.decision import Decision
+
+    from .bundle import BundleInfo
 
 ARCHIVE_EXIT_CODES = """\b
 Exit codes (export, keygen):
   0   success
-  2   usage error
-  5   missing or corrupt artifact (e.g. no decision.json: run dvc repro)
+  2   usage error (also a negative or non-finite --rtol/--atol)
+  5   missing or corrupt artifact (e.g. no decision.json: run dvc repro;
+      a malformed manifest, naming file and field)
   20  the workspace does not match dvc.lock or the sha256 manifests
   21  key file unsafe (readable by others), unreadable, not Ed25519,
       or a private key among the files to bundle
-Exit codes (verify):
+Exit codes (verify, show):
   0   verified (with --reproduce: and bit-exact or decision-equivalent)
   1   not verified, or not reproduced: the first reason names the file
+      (show: an unreadable or malformed bundle)
   2   usage error (bad arguments, unreadable public key)
   12  the bundled preregistration timestamp does not verify (another digest, an
       untrusted TSA certificate, a malformed token); export refuses one too
@@ -34,13 +42,23 @@ Exit codes (verify):
 
 
 def fails_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """sasgate.cli.fails_cleanly, looked up at call time: sasgate.cli imports this module to register it."""
+    """sasgate.cli.fails_cleanly (looked up at call time: sasgate.cli imports this module to register it),
+    with the message escaped first: a NotVerifiedError quotes the bundle, so it is printed on one line with
+    every non-printable character escaped; other errors keep their own line breaks (terminal.safe_lines)."""
+
+    @functools.wraps(fn)
+    def escaped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SasgateError as exc:
+            text = safe(exc) if isinstance(exc, NotVerifiedError) else safe_lines(str(exc))
+            raise type(exc)(text) from None
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from sasgate.cli import fails_cleanly as wrap
 
-        return wrap(fn)(*args, **kwargs)
+        return wrap(escaped)(*args, **kwargs)
 
     return wrapper
 
@@ -89,9 +107,9 @@ def keygen(out_dir: str, fmt: str, passphrase_file: str | None, ask_passphrase: 
 @click.option("--passphrase-file", type=click.Path(dir_okay=False),
               help="passphrase of an encrypted key (or set SASGATE_KEY_PASSPHRASE; prompted on a terminal)")
 @click.option("--signer", help="a name for the signer, recorded in the signed statement")
-@click.option("--rtol", type=float, default=None, help="relative tolerance for decision-equivalent re-runs "
+@click.option("--rtol", type=float, default=None, help="relative tolerance for decision-equivalent re-runs, >= 0 "
               "[default: 0.05]")
-@click.option("--atol", type=float, default=None, help="absolute tolerance for decision-equivalent re-runs "
+@click.option("--atol", type=float, default=None, help="absolute tolerance for decision-equivalent re-runs, >= 0 "
               "[default: 0.001]")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @fails_cleanly
@@ -124,39 +142,30 @@ def _load_public(ctx: click.Context, param: click.Parameter, value: str) -> Any:
         raise click.BadParameter(str(exc)) from None
 
 
-def _decision_lines(decision: dict[str, Any]) -> list[str]:
-    lines = [f"decision: {decision.get('decision_state')} (active path {decision.get('active_path')}, "
-             f"phase movement authorized: {str(decision.get('phase_movement_authorized')).lower()})",
-             "gates: " + ", ".join(f"{g} {s.get('status')}" for g, s in decision.get("gates", {}).items()),
-             _preregistration_line(decision)]
-    claims = decision.get("claims", {})
-    for title, kind in (("we can claim", "allowed"), ("we cannot claim", "disallowed")):
+def _decision_lines(d: Decision) -> list[str]:
+    """A typed decision as text; every string in it may come from a bundle, so each is escaped."""
+    lines = [f"decision: {safe(d.decision_state)} (active path {safe(d.active_path)}, "
+             f"phase movement authorized: {str(d.phase_movement_authorized).lower()})",
+             "gates: " + ", ".join(f"{safe(g)} {safe(s.status)}" for g, s in d.gates.items()),
+             "preregistration: " + (safe(d.preregistration.text) if d.preregistration is not None
+                                    else "not stated (no preregistration lock behind this decision)")]
+    for title, entries in (("we can claim", d.claims.allowed), ("we cannot claim", d.claims.disallowed)):
         lines.append(f"{title}:")
-        lines += [f"  - {c.get('id')}: {c.get('text')}" for c in claims.get(kind, [])] or ["  (none)"]
+        lines += [f"  - {safe(c.id)}: {safe(c.text)}" for c in entries] or ["  (none)"]
     lines.append("reopen condition:")
-    for r in decision.get("reopen_conditions", []) or [{"kind": "none", "text": "nothing is closed"}]:
-        tuples = "; ".join(f"{t['model']} L{t['layer']} {t['site']}" for t in r.get("required_tuples", []))
-        lines.append(f"  - ({r.get('kind')}) {r.get('text')}" + (f" Required tuples: {tuples}." if tuples else ""))
+    for r in d.reopen_conditions:
+        tuples = "; ".join(f"{safe(t.model)} L{t.layer} {safe(t.site)}" for t in r.required_tuples)
+        lines.append(f"  - ({safe(r.kind)}) {safe(r.text)}" + (f" Required tuples: {tuples}." if tuples else ""))
+    if not d.reopen_conditions:
+        lines.append("  - (none) nothing is closed")
     return lines
 
 
-def _preregistration_line(decision: dict[str, Any]) -> str:
-    from pydantic import ValidationError
-
-    from sasgate.preregistration import InTime
-
-    try:
-        return f"preregistration: {InTime.model_validate(decision.get('preregistration')).text}"
-    except ValidationError:
-        return "preregistration: not stated (no preregistration lock behind this decision)"
-
-
-def _large_line(info: dict[str, Any]) -> str:
-    rows = info.get("large_artifacts", [])
-    included = sum(bool(a.get("included")) for a in rows)
-    remote = info.get("dvc_remote")
-    where = f"`dvc pull` from remote {remote['name']} ({remote['url']})" if remote else "no DVC remote recorded"
-    return f"large artifacts: {len(rows)} listed by sha256 + DVC md5, {included} included; {where}"
+def _large_line(info: BundleInfo) -> str:
+    included = sum(a.included for a in info.large_artifacts)
+    remote = info.dvc_remote
+    where = f"`dvc pull` from remote {safe(remote.name)} ({safe(remote.url)})" if remote else "no DVC remote recorded"
+    return f"large artifacts: {len(info.large_artifacts)} listed by sha256 + DVC md5, {included} included; {where}"
 
 
 @archive.command()
@@ -182,13 +191,12 @@ def verify(file: str, public_key: Any, reproduce: bool, workdir: str | None, tsa
 
 
 def _verify(file: str, public_key: Any, work: Path | None, as_json: bool, tsa_cert: bytes | None) -> None:
+    from .bundle import BundleInfo
     from .reproduce import reproduce as do_reproduce
     from .verify import verify as do_verify
 
     report: dict[str, Any] = {"bundle": file, "verified": False}
-    try:
-        if work is not None:
-            (work / "bundle").mkdir(parents=True)
+    try:  # the tree reaches work/bundle only once it verified (a rejected bundle leaves work absent or empty)
         v = do_verify(file, public_key, extract_to=work / "bundle" if work else None, tsa_cert=tsa_cert)
     except Exception as exc:  # fail closed: an unexpected error is never a pass
         reason = str(exc) if isinstance(exc, (NotVerifiedError, TimestampError)) else \
@@ -197,12 +205,13 @@ def _verify(file: str, public_key: Any, work: Path | None, as_json: bool, tsa_ce
     report.update(verified=True, keyid=v.keyid, signer=v.signer_name, checks=list(v.checks),
                   git=v.info.get("git"), decision=v.decision.to_json())
     if not as_json:
-        click.echo(f"VERIFIED {file}")
-        click.echo(f"signed by: {v.keyid} (the key given)" + (f", name {v.signer_name!r}" if v.signer_name else ""))
-        git = v.info.get("git", {})
-        click.echo(f"git commit: {git.get('commit')} (dirty: {'yes' if git.get('dirty') else 'no'})")
-        for line in _decision_lines(v.decision.to_json()) + [_large_line(v.info), _timestamp_line(v),
-                                                             "checks: " + ", ".join(v.checks)]:
+        info = BundleInfo.model_validate(v.info)
+        click.echo(f"VERIFIED {safe(file)}")
+        click.echo(f"signed by: {v.keyid} (the key given)"
+                   + (f", name {safe(repr(v.signer_name))}" if v.signer_name else ""))
+        click.echo(f"git commit: {safe(info.git.commit)} (dirty: {'yes' if info.git.dirty else 'no'})")
+        for line in _decision_lines(v.decision) + [_large_line(info), _timestamp_line(v),
+                                                   "checks: " + ", ".join(v.checks)]:
             click.echo(line)
     if work is not None:
         if not as_json:
@@ -222,25 +231,27 @@ def _verify(file: str, public_key: Any, work: Path | None, as_json: bool, tsa_ce
 def _fail(report: dict[str, Any], as_json: bool, label: str, reason: str, code: int = 1) -> NoReturn:
     report["reason"] = reason
     if not as_json:
-        click.echo(f"{label}: {reason}", err=True)
+        click.echo(f"{label}: {safe(reason)}", err=True)
     _finish(report, as_json, code)
 
 
 def _timestamp_line(v: Any) -> str:
     s = v.timestamp
-    return f"preregistration timestamp: {s.gen_time} by {s.tsa} (RFC 3161, verified)" if s else \
-        "preregistration timestamp: none"
+    return f"preregistration timestamp: {safe(str(s.gen_time))} by {safe(str(s.tsa))} (RFC 3161, verified)" if s \
+        else "preregistration timestamp: none"
 
 
 def _print_outcome(outcome: Any) -> None:
     click.echo(f"reproduce: {outcome.verdict} ({outcome.n_artifacts} artifacts compared)")
-    click.echo(f"  {outcome.reason}")
+    click.echo(f"  {safe(outcome.reason)}")
+    for flip in outcome.flips[1:]:
+        click.echo(f"  also flipped: {safe(flip)}")
     if outcome.differing:
-        click.echo(f"  first differing artifact: {outcome.first_difference} ({len(outcome.differing)} differ)")
+        click.echo(f"  first differing artifact: {safe(outcome.first_difference)} ({len(outcome.differing)} differ)")
     t = outcome.tolerances
-    click.echo(f"  tolerances: |new - old| <= {t['atol']} + {t['rtol']} * |old| on every gate figure"
-               + (f"; worst: {outcome.worst_figure}" if outcome.worst_figure else ""))
-    click.echo(f"  ran: {outcome.code}")
+    click.echo(f"  tolerances: |new - old| <= {safe(t['atol'])} + {safe(t['rtol'])} * |old| on every gate figure"
+               + (f"; worst: {safe(outcome.worst_figure)}" if outcome.worst_figure else ""))
+    click.echo(f"  ran: {safe(outcome.code)}")
 
 
 def _finish(report: dict[str, Any], as_json: bool, code: int) -> NoReturn:
@@ -254,34 +265,49 @@ def _finish(report: dict[str, Any], as_json: bool, code: int) -> NoReturn:
 @click.option("--json", "as_json", is_flag=True, help="print the contents as JSON")
 @fails_cleanly
 def show(file: str, as_json: bool) -> None:
-    """List what FILE holds WITHOUT verifying it (run `verify` before trusting any of it)."""
-    from . import bundle
+    """List what FILE holds WITHOUT verifying it (run `verify` before trusting any of it).
+
+    Read under verify's limits; a malformed record (decision.json, bundle.json, the envelope)
+    exits 1 naming the file and field. Every string from the bundle is escaped for the terminal.
+    """
+    from pydantic import ValidationError
+
+    from sasgate.decision import validate_decision
+
+    from . import bundle, dsse
     from .verify import read_bundle
 
     c = read_bundle(file)
-    def load(name: str) -> Any:
+    try:
+        decision = validate_decision(c.json("decision.json"), "decision.json") if "decision.json" in c.digests \
+            else None
+    except NotVerifiedError:
+        raise
+    except SasgateError as exc:  # malformed: exit 1 like every other unverifiable bundle
+        raise NotVerifiedError(str(exc)) from None
+    info = bundle.validate_bundle_info(c.json(bundle.BUNDLE_INFO), NotVerifiedError) \
+        if bundle.BUNDLE_INFO in c.digests else None
+    claimed: list[str] = []
+    if bundle.ENVELOPE in c.digests:
         try:
-            return json.loads(c.data[name])
-        except (KeyError, ValueError):
-            return None
-
-    decision, info, envelope = load("decision.json"), load(bundle.BUNDLE_INFO), load(bundle.ENVELOPE)
-    claimed = [s.get("keyid") for s in (envelope or {}).get("signatures", []) if isinstance(s, dict)]
+            claimed = [s.keyid for s in dsse.Envelope.model_validate(c.json(bundle.ENVELOPE)).signatures]
+        except ValidationError as exc:
+            raise NotVerifiedError(f"{bundle.ENVELOPE}: not a DSSE envelope ({exc.errors()[0]['msg']})") from None
     if as_json:
         click.echo(json.dumps({"unverified": True, "bundle": file, "claimed_signers": claimed,
                                "files": [{"name": n, "size": c.sizes[n], "sha256": d} for n, d in c.digests.items()],
-                               "decision": decision, "bundle_info": info}, indent=2, sort_keys=True))
+                               "decision": decision.to_json() if decision else None,
+                               "bundle_info": c.json(bundle.BUNDLE_INFO) if info else None},
+                              indent=2, sort_keys=True))
         return
-    click.echo(f"UNVERIFIED contents of {file}: nothing below has been checked. "
-               f"Run `sasgate archive verify {file} --key PUB` before trusting it.")
-    click.echo(f"claimed signer key ids (unchecked): {', '.join(map(str, claimed)) or 'none'}")
-    if isinstance(decision, dict):
-        for line in _decision_lines(decision):
-            click.echo(f"[unverified] {line}")
-    if isinstance(info, dict):
-        git = info.get("git", {})
-        click.echo(f"[unverified] git commit: {git.get('commit')} (dirty: {git.get('dirty')})")
+    click.echo(f"UNVERIFIED contents of {safe(file)}: nothing below has been checked. "
+               f"Run `sasgate archive verify {safe(file)} --key PUB` before trusting it.")
+    click.echo(f"claimed signer key ids (unchecked): {', '.join(safe(k or '(none)') for k in claimed) or 'none'}")
+    for line in _decision_lines(decision) if decision else ["decision.json: missing"]:
+        click.echo(f"[unverified] {line}")
+    if info:
+        click.echo(f"[unverified] git commit: {safe(info.git.commit)} (dirty: {str(info.git.dirty).lower()})")
         click.echo(f"[unverified] {_large_line(info)}")
     click.echo(f"files ({len(c.digests)}, {sum(c.sizes.values())} bytes):")
     for name in c.digests:
-        click.echo(f"  {c.sizes[name]:>12}  {name}")
+        click.echo(f"  {c.sizes[name]:>12}  {safe(name)}")

@@ -107,7 +107,8 @@ def open_envelope(raw: bytes, key: Ed25519PublicKey, origin: str) -> tuple[State
     """Check the envelope's signature with key; return the statement and the signing key id.
 
     Fails closed: anything but a well-formed envelope holding one signature that verifies
-    under `key` over a well-formed in-toto v1 statement with our predicate type raises.
+    under `key` (whose keyid, when given, is that key's fingerprint) over a well-formed
+    in-toto v1 statement with our predicate type raises.
     """
     try:
         env = Envelope.model_validate_json(raw)
@@ -123,6 +124,9 @@ def open_envelope(raw: bytes, key: Ed25519PublicKey, origin: str) -> tuple[State
             key.verify(_b64(s.sig, "signature", origin), message)
         except InvalidSignature:
             continue
+        if s.keyid and s.keyid != want:  # the hint is unsigned, but a wrong one is never what an honest signer wrote
+            raise NotVerifiedError(f"{origin}: the signature verifies with the given key {want}, but its keyid "
+                                   f"names {s.keyid!r}")
         break
     else:
         ids = ", ".join(s.keyid or "(no keyid)" for s in env.signatures)

@@ -1,12 +1,17 @@
 """What dvc.yaml and dvc.lock say about the pipeline: stages in order, deps, outs, cache flags, md5s.
 
-Read as plain YAML (DVC's documented file formats) so export, the RO-Crate provenance and
-`--reproduce` share one view: which outs are DVC-cached ("large": fetched with `dvc pull`)
-and which are `cache: false` ("small": kept in git and always bundled).
+Read as plain YAML (DVC's documented file formats) so export, the RO-Crate provenance,
+`--reproduce` and `sasgate status` share one view: which outs are DVC-cached ("large": fetched
+with `dvc pull`) and which are `cache: false` ("small": kept in git and always bundled). What
+DVC itself says about the workspace (`dvc status`) is read here too, once, for export and status.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +41,8 @@ class Stage:
 
 
 def _load(path: Path) -> dict[str, Any]:
-    raw = read_yaml(path, ArtifactError, f"missing {path.name}: run `dvc repro` first")
+    hint = "run `dvc repro` first" if path.name == "dvc.lock" else "not the root of a DVC project"
+    raw = read_yaml(path, ArtifactError, f"missing {path.name}: {hint}")
     if not isinstance(raw, dict) or not isinstance(raw.get("stages"), dict):
         raise ArtifactError(f"{path.name}: no `stages` mapping")
     return raw
@@ -95,3 +101,62 @@ def under(path: str, prefix: str) -> bool:
 def out_of(path: str, outs: list[Out]) -> Out | None:
     """The DVC out a file belongs to, if any."""
     return next((o for o in outs if under(path, o.path)), None)
+
+
+def declared_outs(root: Path) -> dict[str, tuple[str, ...]]:
+    """{stage: its outs, metrics and plots} as dvc.yaml declares them, in file order (dvc.lock not needed)."""
+    spec = _load(root / "dvc.yaml")
+    declared: dict[str, tuple[str, ...]] = {}
+    for name, st in spec["stages"].items():
+        if not isinstance(st, dict) or "foreach" in st or "matrix" in st:
+            raise ArtifactError(f"dvc.yaml: stage {name}: foreach/matrix stages are not supported")
+        declared[name] = tuple(_cache_flags(st, name))
+    return declared
+
+
+@dataclass(frozen=True)
+class Change:
+    """One line of `dvc status`: a stage's changed out or dep (path and what changed), or a stage-level note."""
+
+    stage: str
+    kind: str  # "changed outs", "changed deps", "changed command", "always changed", ...
+    path: str | None = None
+    what: str | None = None  # "deleted", "modified", "not in cache", "reconstruction.threshold modified", ...
+
+    def describe(self) -> str:
+        return self.kind if self.path is None else f"{self.kind}: {self.path} ({self.what})"
+
+
+def _what(change: object) -> str:
+    """`modified`, or for params `reconstruction.threshold modified, ...`."""
+    if isinstance(change, dict):
+        return ", ".join(f"{k} {v}" for k, v in sorted(change.items()))
+    return str(change)
+
+
+def dvc_status(root: Path) -> list[Change]:
+    """What `dvc status --json` reports for the project at root (empty: every stage matches dvc.lock)."""
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    try:
+        res = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, env=env,
+                             capture_output=True, text=True)
+    except OSError as exc:
+        raise ArtifactError(f"dvc status could not run: {exc}") from None
+    if res.returncode != 0:
+        raise ArtifactError(f"dvc status failed: {(res.stderr or res.stdout).strip()[-800:]}")
+    try:
+        raw = json.loads(res.stdout or "{}")
+    except json.JSONDecodeError:
+        raise ArtifactError(f"dvc status printed no JSON: {res.stdout.strip()[-300:]}") from None
+    changes: list[Change] = []
+    for stage, entries in sorted(raw.items()):
+        for entry in entries:
+            if isinstance(entry, dict):
+                for kind, files in sorted(entry.items()):
+                    if isinstance(files, dict):
+                        changes += [Change(stage, kind, p, _what(w)) for p, w in sorted(files.items())]
+                    else:
+                        changes.append(Change(stage, f"{kind}: {files}"))
+            else:
+                changes.append(Change(stage, str(entry)))
+    return changes

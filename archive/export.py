@@ -14,14 +14,13 @@ _sasgate/environment.json, and _sasgate/statement.dsse.json, the signed statemen
 
 Refused: a workspace that does not match dvc.lock (`dvc status`) or the sha256
 manifests (WorkspaceMismatchError, exit 20, naming the files), any private key
-among the files (KeyFileError, exit 21), and a preregistration timestamp that does not
-verify (TimestampError, exit 12).
+among the files (KeyFileError, exit 21), negative or non-finite tolerances (ParamsError,
+exit 2), and a preregistration timestamp that does not verify (TimestampError, exit 12).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -33,8 +32,8 @@ from urllib.parse import urlsplit, urlunsplit
 from tqdm import tqdm
 
 from sasgate import __version__
-from sasgate.artifacts import canonical_json, iter_files, read_json
-from sasgate.errors import ArtifactError, KeyFileError, WorkspaceMismatchError
+from sasgate.artifacts import canonical_json, iter_files, read_json, read_manifest
+from sasgate.errors import ArtifactError, KeyFileError, ParamsError, WorkspaceMismatchError
 from sasgate.paths import Paths
 from sasgate.preregistration import check_timestamp
 
@@ -47,6 +46,8 @@ LARGE_BYTES = 64 << 20
 ALWAYS_DIRS = ("preregistration",)  # bundled whole even if not committed yet
 DEFAULT_RTOL = 0.05
 DEFAULT_ATOL = 1e-3
+TOLERANCE_RULE = ("|reproduced - original| <= atol + rtol * |original| for every gate record's per-tuple observed "
+                  "value and ci95 bounds; every verdict (decision, gate statuses, comparison outcomes, claims) equal")
 _CHUNK = 1 << 20
 
 
@@ -100,29 +101,12 @@ def _run(args: list[str], root: Path, what: str) -> str:
 
 def check_dvc_status(root: Path) -> None:
     """Refuse unless `dvc status` finds every stage up to date (workspace == dvc.lock)."""
-    raw = _run([sys.executable, "-m", "dvc", "status", "--json"], root, "dvc status")
-    status = json.loads(raw or "{}")
-    if not status:
+    changes = dvcmeta.dvc_status(root)
+    if not changes:
         return
-    problems = []
-    for stage, changes in sorted(status.items()):
-        for change in changes:
-            if isinstance(change, dict):
-                for kind, files in sorted(change.items()):
-                    named = ", ".join(f"{p} ({_what(s)})" for p, s in sorted(files.items())) \
-                        if isinstance(files, dict) else str(files)
-                    problems.append(f"{stage}: {kind}: {named}")
-            else:
-                problems.append(f"{stage}: {change}")
+    problems = [f"{c.stage}: {c.describe()}" for c in changes]
     raise WorkspaceMismatchError("the workspace does not match dvc.lock (stale or modified artifacts):\n  "
                                  + "\n  ".join(problems) + "\nrun `dvc repro` (or `dvc checkout`) and export again")
-
-
-def _what(change: object) -> str:
-    """`modified`, or for params `reconstruction.threshold modified, ...`."""
-    if isinstance(change, dict):
-        return ", ".join(f"{k} {v}" for k, v in sorted(change.items()))
-    return str(change)
 
 
 @dataclass(frozen=True)
@@ -228,6 +212,7 @@ def export(root: str | os.PathLike, key_path: str | os.PathLike, out: str | os.P
            rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) -> ExportResult:
     """Check the workspace, then write the signed bundle at out. See the module docstring."""
     root, out, key_file = Path(root).resolve(), Path(out).resolve(), Path(key_path).resolve()
+    tolerances(rtol, atol)  # a usage error before any work
     key = keys.load_private(key_file, passphrase)
     stages = dvcmeta.read_pipeline(root)
     check_dvc_status(root)
@@ -302,15 +287,27 @@ def _check_manifests(root: Path, files: dict[str, Path], hashed: dict[str, Hashe
     """Every sasgate manifest among the bundled files must match the workspace's sha256 and sizes."""
     bad: list[str] = []
     for rel in sorted(r for r in files if r.startswith("manifests/") and r.endswith(".json")):
-        for path, entry in sorted(read_json(root / rel).get("files", {}).items()):
+        for path, entry in sorted(read_manifest(root / rel).files.items()):
             h = hashed.get(path)
             if h is None and (root / path).is_file():
                 h = hash_file(root / path)
-            if h is None or h.sha256 != entry.get("sha256") or h.size != entry.get("size"):
+            if h is None or h.sha256 != entry.sha256 or h.size != entry.size:
                 bad.append(f"{path} ({rel}: {'missing' if h is None else 'sha256/size differ'})")
     if bad:
         raise WorkspaceMismatchError("artifacts do not match their sha256 manifests:\n  " + "\n  ".join(bad)
                                      + "\nrun `dvc repro` and export again")
+
+
+def tolerances(rtol: float, atol: float) -> bundle.Tolerances:
+    """The signed tolerances for decision-equivalent re-runs; negative or non-finite ones are a usage error."""
+    from pydantic import ValidationError
+
+    from sasgate.validation import describe_validation
+
+    try:
+        return bundle.Tolerances(rtol=rtol, atol=atol, rule=TOLERANCE_RULE)
+    except ValidationError as exc:
+        raise ParamsError(f"tolerances --rtol/--atol: {describe_validation(exc)}") from None
 
 
 def _fetch_hint(artifact: dict[str, Any], remote: dict[str, str] | None) -> str:
@@ -339,8 +336,6 @@ def _bundle_info(root: Path, stages: list[dvcmeta.Stage], git: GitState, large: 
         "dvc_remote": dvc_remote(root),
         "include_large": include_large,
         "large_artifacts": large_rows,
-        "tolerances": {"rtol": rtol, "atol": atol,
-                       "rule": "|reproduced - original| <= atol + rtol * |original| for every gate record's "
-                               "per-tuple observed value and ci95 bounds"},
+        "tolerances": tolerances(rtol, atol).model_dump(),
         "signer": {"keyid": keys.fingerprint(key.public_key()), "name": signer},
     }

@@ -10,10 +10,16 @@ before the run), not whatever sasgate version is installed. Then every artifact 
 with the bundle's sha256:
 
 * `bit-exact`: every artifact the bundle holds or lists has the same sha256;
-* `decision-equivalent`: some hashes differ, but every gate status (per gate and per
-  tuple) and the decision match, and every gate figure (per-tuple observed value and
-  ci95 bounds) is within the bundle's signed tolerance |new - old| <= atol + rtol*|old|;
-* `not reproduced`: anything else, naming the first differing artifact in stage order.
+* `decision-equivalent`: some hashes differ, but no verdict flipped (`verdicts`: the
+  decision, every gate status per gate and per tuple, every comparison outcome of the
+  behaviour gate, the allowed and disallowed claim sets, the reopen conditions) and every
+  gate figure (per-tuple observed value and ci95 bounds) is within the bundle's signed
+  tolerance |new - old| <= atol + rtol*|old|;
+* `not reproduced`: anything else, naming the flipped verdict (all of them are listed) or
+  the figure out of tolerance, and the first differing artifact in stage order.
+
+Figures within tolerance never excuse a flipped verdict: -0.099 becoming -0.101 against a
+margin of 0.1 is a small number and the opposite result.
 
 The bundle's dvc.yaml commands and source run on this machine: only re-run a bundle that
 verified with the key of a signer you trust (the CLI verifies first).
@@ -27,13 +33,15 @@ import shutil
 import subprocess
 import sys
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from sasgate.artifacts import iter_files, sha256_file
-from sasgate.errors import ArtifactError
+from sasgate.claims import GATES
+from sasgate.errors import ArtifactError, SasgateError
+from sasgate.gates import validate_gate
 
 from . import bundle, dvcmeta
 from .export import tool_env
@@ -56,6 +64,7 @@ class Outcome:
     worst_figure: str | None = None
     code: str = ""
     workdir: Path | None = None
+    flips: list[str] = field(default_factory=list)  # every verdict that differs, in `verdicts` order
 
     @property
     def first_difference(self) -> str | None:
@@ -64,7 +73,7 @@ class Outcome:
     def to_json(self) -> dict[str, Any]:
         return {"verdict": self.verdict, "n_artifacts": self.n_artifacts, "differing": self.differing,
                 "first_difference": self.first_difference, "reason": self.reason, "tolerances": self.tolerances,
-                "worst_figure": self.worst_figure, "code": self.code,
+                "worst_figure": self.worst_figure, "code": self.code, "flips": self.flips,
                 "workdir": str(self.workdir) if self.workdir else None}
 
 
@@ -167,8 +176,92 @@ def _figures(record: dict[str, Any]) -> Iterator[tuple[str, float | None]]:
             yield f"{label} ci95[{i}]", bound
 
 
-def _equivalence(original: Path, project: Path, tol: dict[str, Any]) -> tuple[str | None, str | None]:
-    """(why not decision-equivalent or None, the worst figure relative to its tolerance)."""
+def _record(path: Path, gate: str | None = None) -> dict[str, Any] | str:
+    """A result file's JSON (a gate record validated as one), or why it cannot be read."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if gate is not None:
+            validate_gate(raw, origin=f"gates/{gate}.json")
+    except FileNotFoundError:
+        return "absent"
+    except (OSError, ValueError, RecursionError) as exc:
+        return f"unreadable ({exc})"
+    except SasgateError as exc:
+        return f"malformed ({exc})"
+    return raw if isinstance(raw, dict) else "not a JSON object"
+
+
+def _gate_verdicts(rel: str, rec: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {f"{rel} status": rec.get("status")}
+    for t in rec.get("per_tuple") or []:
+        tup = t.get("tuple") or {}
+        out[f"{rel} {tup.get('model')} L{tup.get('layer')} {tup.get('site')} status"] = t.get("status")
+    # the behaviour gate's three-valued outcomes (ARCHITECTURE.md, "The archive contract")
+    if "outcome" in rec:
+        out[f"{rel} outcome"] = rec["outcome"]
+    for c in rec.get("comparisons") or []:
+        out[f"{rel} comparison ({c.get('kind')}, {c.get('operator')}) outcome"] = c.get("outcome")
+    # records from before `comparisons`: the decision's holds, overall and per kind, and stability's pooled one
+    details = rec.get("details") or {}
+    decision = details.get("decision")
+    if isinstance(decision, dict):
+        if "holds" in decision:
+            out[f"{rel} decision holds"] = decision["holds"]
+        for kind, k in sorted((decision.get("per_kind") or {}).items()):
+            out[f"{rel} decision {kind} holds"] = k.get("holds") if isinstance(k, dict) else k
+    if "pooled_holds" in details:
+        out[f"{rel} pooled decision holds"] = details["pooled_holds"]
+    return out
+
+
+def verdicts(root: Path) -> dict[str, Any]:
+    """Every verdict a pipeline run states, each under a label naming it: what must not flip for
+    decision-equivalent. The one place this list is kept (ARCHITECTURE.md, "The archive contract")."""
+    out: dict[str, Any] = {}
+    d = _record(root / "decision.json")
+    if isinstance(d, str):  # absent or unreadable: under the label a readable one's state would have
+        out["decision.json decision_state"] = d
+    else:
+        for k in DECISION_FIELDS:
+            out[f"decision.json {k}"] = d.get(k)
+        for g, summary in sorted((d.get("gates") or {}).items()):
+            out[f"decision.json gate {g} status"] = summary.get("status") if isinstance(summary, dict) else summary
+        claims = d.get("claims") or {}
+        for kind in ("allowed", "disallowed"):
+            out[f"decision.json {kind} claims"] = sorted(str(c.get("id")) for c in claims.get(kind) or [])
+        out["decision.json reopen conditions"] = [[r.get("kind"), r.get("required_tuples")]
+                                                  for r in d.get("reopen_conditions") or []]
+    for gate in GATES:
+        rel = f"gates/{gate}.json"
+        rec = _record(root / rel, gate)
+        if isinstance(rec, str):
+            out[f"{rel} status"] = rec
+        else:
+            out.update(_gate_verdicts(rel, rec))
+    return out
+
+
+def _describe_flip(label: str, old: Any, new: Any) -> str:
+    if isinstance(old, list) and isinstance(new, list) and label.endswith(" claims"):
+        gained, lost = sorted(set(new) - set(old)), sorted(set(old) - set(new))
+        return f"{label}: the re-run gains {gained or 'none'} and loses {lost or 'none'}"
+    return f"{label}: {_short(old)} in the bundle, {_short(new)} in the re-run"
+
+
+def _short(v: Any, n: int = 120) -> str:
+    s = json.dumps(v, sort_keys=True) if not isinstance(v, str) else repr(v)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def verdict_flips(original: Path, project: Path) -> list[str]:
+    """Every verdict of the bundle (at original) that the re-run (at project) states otherwise."""
+    old, new = verdicts(original), verdicts(project)
+    return [_describe_flip(label, old.get(label), new.get(label))
+            for label in [*old, *(k for k in new if k not in old)] if old.get(label) != new.get(label)]
+
+
+def _within_tolerance(original: Path, project: Path, tol: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(the first gate figure outside the signed tolerance or None, the worst figure relative to its tolerance)."""
     rtol, atol = float(tol["rtol"]), float(tol["atol"])
     worst, worst_label = -1.0, None
     for old_path in sorted((original / "gates").glob("*.json")):
@@ -177,10 +270,6 @@ def _equivalence(original: Path, project: Path, tol: dict[str, Any]) -> tuple[st
         if not new_path.is_file():
             return f"{rel}: not produced by the re-run", None
         old, new = json.loads(old_path.read_text()), json.loads(new_path.read_text())
-        if old.get("status") != new.get("status"):
-            return f"{rel}: gate status {old.get('status')} became {new.get('status')}", None
-        if [t.get("status") for t in old.get("per_tuple", [])] != [t.get("status") for t in new.get("per_tuple", [])]:
-            return f"{rel}: per-tuple statuses differ", None
         new_figures = dict(_figures(new))
         for label, a in _figures(old):
             b = new_figures.get(label)
@@ -188,26 +277,11 @@ def _equivalence(original: Path, project: Path, tol: dict[str, Any]) -> tuple[st
                 if a != b:
                     return f"{rel}: {label} is {a} in the bundle, {b} in the re-run", None
                 continue
-            ratio = abs(b - a) / (atol + rtol * abs(a))
+            ratio = abs(b - a) / (atol + rtol * abs(a)) if atol + rtol * abs(a) > 0 else (0.0 if a == b else 2.0)
             if ratio > worst:
                 worst, worst_label = ratio, f"{rel} {label}: {a:.6g} -> {b:.6g} (|diff| {abs(b - a):.3g})"
             if ratio > 1:
                 return f"{rel}: {label} {a:.6g} -> {b:.6g}, outside atol {atol} + rtol {rtol} * |old|", worst_label
-    try:
-        old_d = json.loads((original / "decision.json").read_text())
-        new_d = json.loads((project / "decision.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        return f"decision.json: not produced by the re-run ({exc})", worst_label
-    for k in DECISION_FIELDS:
-        if old_d.get(k) != new_d.get(k):
-            return f"decision.json: {k} differs ({old_d.get(k)!r} -> {new_d.get(k)!r})", worst_label
-    for kind in ("allowed", "disallowed"):
-        ids = [[c["id"] for c in d.get("claims", {}).get(kind, [])] for d in (old_d, new_d)]
-        if ids[0] != ids[1]:
-            return f"decision.json: {kind} claims differ ({ids[0]} -> {ids[1]})", worst_label
-    if [(r.get("kind"), r.get("required_tuples")) for r in old_d.get("reopen_conditions", [])] != \
-            [(r.get("kind"), r.get("required_tuples")) for r in new_d.get("reopen_conditions", [])]:
-        return "decision.json: reopen conditions differ", worst_label
     return None, worst_label
 
 
@@ -241,8 +315,14 @@ def compare(verified: Verified, original: Path, project: Path, stages: list[dvcm
         return Outcome("not reproduced", len(expected), differing, failure, tol)
     if not differing:
         return Outcome("bit-exact", len(expected), [], "every artifact has the bundle's sha256", tol)
-    why, worst = _equivalence(original, project, tol)
+    flips = verdict_flips(original, project)
+    why, worst = _within_tolerance(original, project, tol)
+    if flips:
+        more = f" (and {len(flips) - 1} more verdicts)" if len(flips) > 1 else ""
+        return Outcome("not reproduced", len(expected), differing, f"a verdict flipped: {flips[0]}{more}", tol,
+                       worst, flips=flips)
     if why is None:
         return Outcome("decision-equivalent", len(expected), differing,
-                       "every gate status and the decision match; gate figures within tolerance", tol, worst)
+                       "no verdict flipped (decision, gate statuses, comparison outcomes, claims); gate figures "
+                       "within tolerance", tol, worst)
     return Outcome("not reproduced", len(expected), differing, why, tol, worst)

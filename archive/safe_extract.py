@@ -2,14 +2,24 @@
 
 A bundle is a gzip'd tar of regular files only. Rejected, with the member named:
 absolute paths, `..`, `.` or empty components, backslashes and drive letters,
-control characters, symlinks, hard links, device files, FIFOs, directories and
-other special members, duplicate names (also after Unicode/case folding, and a
-file that is also a folder prefix of another), members over the size cap, more
-members or more bytes in total than the caps, paths deeper than the cap, oversized
-tar headers (a pax header that asks for gigabytes), truncated or corrupt gzip/tar
-streams, and data after the end-of-archive marker. Nothing is extracted by
-`iter_members`; `extract_to` writes only below a fresh, empty folder, with
-O_EXCL | O_NOFOLLOW, after the same checks.
+control, format (bidi) and other non-printable characters, symlinks, hard links,
+device files, FIFOs, directories and other special members, duplicate names (also
+after Unicode/case folding, and a file that is also a folder prefix of another),
+members over the size cap, more members or more bytes in total than the caps, paths
+deeper than the cap, oversized tar headers (a pax header that asks for gigabytes),
+truncated or corrupt gzip/tar streams, and data after the end-of-archive marker.
+
+Tar header rule (ARCHITECTURE.md, "The archive contract"): every header block must be
+POSIX ustar (magic "ustar\\0", version "00") with octal numbers, and a member is one
+ustar header optionally preceded by one pax extended header whose keywords are only
+`path` and `size`. Old-GNU and v7 headers, GNU long-name/long-link, sparse and other
+vendor types, global pax headers, base-256 numbers and any other pax keyword are
+refused: Python's tarfile and GNU tar read those differently (tarfile joins the ustar
+`prefix` under any magic, GNU tar only under POSIX magic), so the tree `verify` checks
+would not be the tree `tar -xzf` writes.
+
+Nothing is extracted by `iter_members`; `extract_to` writes only below a fresh, empty
+folder, with O_EXCL | O_NOFOLLOW, after the same checks.
 """
 
 from __future__ import annotations
@@ -88,6 +98,8 @@ def check_name(name: str, limits: Limits) -> str | None:
         return "name is not valid UTF-8"
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
         return "control character in name"
+    if not name.isprintable():  # C1 controls, bidi and other format characters, separators, unassigned
+        return "non-printable character in name (C1 control, bidi or other format character)"
     if "\\" in name:
         return "backslash in name"
     if name.startswith("/"):
@@ -128,6 +140,60 @@ def _kind(m: tarfile.TarInfo) -> str | None:
 
 
 _STREAM_ERRORS = (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error)
+
+POSIX_MAGIC = b"ustar\0" + b"00"  # magic + version of a POSIX ustar header (old GNU: b"ustar  \0")
+PAX_KEYWORDS = frozenset({"path", "size"})  # the only ones the bundle writer needs (long or non-ASCII names, >8 GiB)
+_POSIX_TYPES = frozenset(b"01234567x")  # plus NUL (old regular file); other types are vendor extensions
+_NUMERIC_FIELDS = ((100, "mode"), (108, "uid"), (116, "gid"), (124, "size"), (136, "mtime"), (329, "devmajor"),
+                   (337, "devminor"))
+
+
+def _header_problem(buf: bytes) -> str | None:
+    """Why one 512-byte header block is not plain POSIX ustar, or None."""
+    if buf[257:265] != POSIX_MAGIC:
+        kind = "old-GNU" if buf[257:265] == b"ustar  \0" else "v7 (no magic)" if not buf[257:265].strip(b"\0") \
+            else f"unknown magic {buf[257:265]!r}"
+        return f"{kind} tar header; only POSIX ustar/pax headers are accepted"
+    if buf[156] != 0 and buf[156] not in _POSIX_TYPES:
+        what = {ord("L"): "GNU long name", ord("K"): "GNU long link name", ord("g"): "pax global header",
+                ord("S"): "GNU sparse file"}.get(buf[156], "vendor extension")
+        return f"tar header type {chr(buf[156])!r} ({what}); only POSIX ustar/pax headers are accepted"
+    for offset, field in _NUMERIC_FIELDS:
+        if buf[offset] & 0x80:
+            return f"base-256 number in the {field} field (a GNU extension); only octal is POSIX"
+    return None
+
+
+def _posix_tarinfo() -> type[tarfile.TarInfo]:
+    """A TarInfo class that checks every header block as tarfile parses it and logs the block types.
+
+    One class per archive: `blocks` lists the types of the header blocks read since the last member.
+    """
+
+    class PosixTarInfo(tarfile.TarInfo):
+        blocks: list[str] = []
+
+        @classmethod
+        def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
+            info = super().frombuf(buf, encoding, errors)  # zero, truncated or bad-checksum blocks raise here
+            if problem := _header_problem(buf):
+                name = tarfile.nts(buf[345:500], "utf-8", "backslashreplace")
+                name = (name + "/" if name else "") + tarfile.nts(buf[0:100], "utf-8", "backslashreplace")
+                raise NotVerifiedError(f"member {name!r}: {problem}")
+            cls.blocks.append(info.type.decode("latin-1"))
+            return info
+
+    PosixTarInfo.blocks = []
+    return PosixTarInfo
+
+
+def _pax_problem(m: tarfile.TarInfo, blocks: list[str]) -> str | None:
+    """Why a member's header blocks are not one ustar header after at most one pax header, or None."""
+    if blocks[:-1] not in ([], ["x"]):
+        return f"header blocks {''.join(blocks)!r}: a member is one ustar header after at most one pax header"
+    if extra := sorted(set(m.pax_headers) - PAX_KEYWORDS):
+        return f"pax keyword(s) {', '.join(map(repr, extra))}; only {', '.join(sorted(PAX_KEYWORDS))} are accepted"
+    return None
 
 
 class _Guarded(io.RawIOBase):
@@ -195,16 +261,21 @@ def iter_members(path: str | os.PathLike, limits: Limits = Limits(), origin: str
 
 
 def _walk(capped: _Capped, limits: Limits, origin: str) -> Iterator[Member]:
-    tf = tarfile.open(fileobj=capped, mode="r:")  # noqa: SIM115 - closed below
+    info_class = _posix_tarinfo()
+    try:
+        tf = tarfile.open(fileobj=capped, mode="r:", tarinfo=info_class)  # noqa: SIM115 - closed below
+    except NotVerifiedError as exc:
+        raise NotVerifiedError(f"{origin}: {exc}") from None
     seen = _Seen()
     total = count = 0
     try:
-        while (m := tf.next()) is not None:
+        while (m := _next(tf, origin)) is not None:
             count += 1
             where = f"{origin}: member {m.name!r}"
+            blocks, info_class.blocks = info_class.blocks, []
             if count > limits.max_members:
                 raise NotVerifiedError(f"{origin}: more than {limits.max_members} members")
-            for problem in (check_name(m.name, limits), _kind(m)):
+            for problem in (_pax_problem(m, blocks), check_name(m.name, limits), _kind(m)):
                 if problem:
                     raise NotVerifiedError(f"{where}: {problem}")
             if m.size > limits.max_member_bytes:
@@ -227,6 +298,14 @@ def _walk(capped: _Capped, limits: Limits, origin: str) -> Iterator[Member]:
         _check_end(capped, tf.offset, origin)
     finally:
         tf.close()
+
+
+def _next(tf: tarfile.TarFile, origin: str) -> tarfile.TarInfo | None:
+    """The next member; a header refused by PosixTarInfo is named with the archive."""
+    try:
+        return tf.next()
+    except NotVerifiedError as exc:
+        raise NotVerifiedError(f"{origin}: {exc}") from None
 
 
 def _check_end(capped: _Capped, offset: int, origin: str) -> None:

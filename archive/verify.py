@@ -1,20 +1,26 @@
 """`sasgate archive verify`: fail-closed checking of a received bundle against a public key.
 
 In order, stopping at the first failure (NotVerifiedError naming the file):
-1. the archive is read member by member through `safe_extract` (hostile input is
-   rejected before use; nothing is written unless an extraction folder is given);
-2. the DSSE envelope's Ed25519 signature verifies with the given public key;
+1. the archive is read member by member through `safe_extract` (hostile input and
+   non-POSIX tar headers are rejected before use); with an extraction target, members
+   are written only into a private temp folder (mkdtemp, 0700) in the target's nearest
+   existing ancestor, which becomes the target only after every check passed and is
+   removed otherwise, so a rejected bundle leaves the target absent or empty;
+2. the DSSE envelope's Ed25519 signature verifies with the given public key, and the
+   signer key id the signed statement names is that key's;
 3. every file the signed statement lists is present with its sha256, and no file is
    present that the statement does not list;
-4. the decision and the claims follow from the gate records through the same state
+4. bundle.json is a well-formed record (typed; tolerances finite and non-negative);
+5. the decision and the claims follow from the gate records through the same state
    machine (`sasgate.decision.decide` on the bundled gate records and params;
    `render_claims_md` of that decision must equal CLAIMS.md byte for byte);
-5. the signed predicate equals the summary rebuilt from decision.json and bundle.json,
-   and the manifests and gate records agree with the bundle's sha256 of every artifact.
+6. the signed predicate equals the summary rebuilt from decision.json and bundle.json,
+   and the (typed) manifests and gate records agree with the bundle's sha256 of every
+   artifact.
 
 The decision's `preregistration` (whether the lock preceded the results) is re-derived from the
-bundled preregistration/lock.json in step 4; a bundled RFC 3161 timestamp over the lock is
-verified offline after step 3 (`bundled_timestamp`; TimestampError, exit 12, when it fails).
+bundled preregistration/lock.json with the decision; a bundled RFC 3161 timestamp over the lock is
+verified offline after the subject digests (`bundled_timestamp`; TimestampError, exit 12, when it fails).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from itertools import zip_longest
 from pathlib import Path
@@ -31,6 +39,7 @@ from typing import Any
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from sasgate.artifacts import DuplicateKeyError, parse_yaml, validate_manifest
 from sasgate.claims import GATES
 from sasgate.decision import Decision, decide, record_sha256, render_claims_md, validate_decision
 from sasgate.errors import NotVerifiedError, SasgateError, TimestampError
@@ -67,9 +76,12 @@ class Contents:
             raise NotVerifiedError(f"{name}: not UTF-8 text") from None
 
     def json(self, name: str) -> Any:
+        """A member parsed as JSON under the one set of parsing limits `verify` and `show` share."""
         try:
             return json.loads(self.text(name))
-        except json.JSONDecodeError as exc:
+        except RecursionError:
+            raise NotVerifiedError(f"{name}: not valid JSON (nested too deeply)") from None
+        except ValueError as exc:  # JSONDecodeError, or an integer over Python's digit limit
             raise NotVerifiedError(f"{name}: not valid JSON ({exc})") from None
 
 
@@ -114,22 +126,56 @@ class Verified:
 
 def verify(path: str | os.PathLike, key: Ed25519PublicKey, limits: Limits = Limits(),
            extract_to: Path | None = None, tsa_cert: bytes | None = None) -> Verified:
-    """Every check of the module docstring; raises NotVerifiedError with the first failure."""
-    contents = read_bundle(path, limits, extract_to)
+    """Every check of the module docstring; raises NotVerifiedError with the first failure.
+
+    With extract_to (which must not exist yet), the bundle's tree appears there only once it verified.
+    """
+    if extract_to is None:
+        return _verify(read_bundle(path, limits), key, tsa_cert)
+    extract_to = Path(extract_to).absolute()
+    if extract_to.exists():
+        raise ValueError(f"{extract_to} already exists")
+    staging = Path(tempfile.mkdtemp(prefix=".sasgate-verify-", dir=_nearest_existing(extract_to)))
+    try:
+        verified = _verify(read_bundle(path, limits, staging), key, tsa_cert)
+        extract_to.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(staging, extract_to)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return verified
+
+
+def _nearest_existing(path: Path) -> Path:
+    """The closest ancestor of path that exists: the staging folder goes there, on the target's filesystem."""
+    return next(p for p in path.parents if p.is_dir())
+
+
+def check_signer(statement: dsse.Statement, keyid: str) -> None:
+    """The signer the signed statement names must be the key it verified with."""
+    signer = statement.predicate.get("signer")
+    named = signer.get("keyid") if isinstance(signer, dict) else None
+    if named != keyid:
+        what = f"signer key {_short(named)}" if isinstance(named, str) else "no signer key"
+        raise NotVerifiedError(f"{bundle.ENVELOPE}: the signed statement names {what}, but it verified with the "
+                               f"given key {keyid}")
+
+
+def _verify(contents: Contents, key: Ed25519PublicKey, tsa_cert: bytes | None) -> Verified:
     if bundle.ENVELOPE not in contents.digests:
         raise NotVerifiedError(f"{bundle.ENVELOPE}: missing: not a sasgate bundle, or its signature was removed")
     statement, keyid = dsse.open_envelope(contents.data.get(bundle.ENVELOPE, b""), key, bundle.ENVELOPE)
+    check_signer(statement, keyid)
     check_subjects(statement.digests(), {n: d for n, d in contents.digests.items() if n != bundle.ENVELOPE})
     stamp = bundled_timestamp(contents, tsa_cert)
     info = contents.json(bundle.BUNDLE_INFO)
-    if not isinstance(info, dict) or info.get("schema") != bundle.BUNDLE_SCHEMA:
-        raise NotVerifiedError(f"{bundle.BUNDLE_INFO}: not a {bundle.BUNDLE_SCHEMA} record")
+    bundle.validate_bundle_info(info, NotVerifiedError)
     decision = check_decision(contents)
     if statement.predicate != predicate_for(contents.json("decision.json"), info):
         raise NotVerifiedError(f"{bundle.ENVELOPE}: the signed predicate does not match decision.json and "
                                f"{bundle.BUNDLE_INFO}")
     check_artifact_digests(contents, info)
-    checks = ("signature", f"{len(statement.subject)} subject digests", "no unlisted files",
+    checks = ("signature", "signer key id", f"{len(statement.subject)} subject digests", "no unlisted files",
               "decision and claims re-derived", "manifests and gate inputs") + (("preregistration timestamp",) * bool(stamp))
     return Verified(contents, keyid, statement, decision, info, checks, stamp)
 
@@ -146,7 +192,9 @@ def check_subjects(listed: dict[str, str], present: dict[str, str]) -> None:
 
 def bundled_params(contents: Contents) -> Params:
     try:
-        return parse_params(yaml.safe_load(contents.text("params.yaml")), origin="params.yaml")
+        return parse_params(parse_yaml(contents.text("params.yaml")), origin="params.yaml")
+    except DuplicateKeyError as exc:
+        raise NotVerifiedError(f"params.yaml: {exc}") from None
     except yaml.YAMLError as exc:
         raise NotVerifiedError(f"params.yaml: not valid YAML ({exc})") from None
     except SasgateError as exc:
@@ -233,10 +281,11 @@ def check_artifact_digests(contents: Contents, info: dict[str, Any]) -> None:
     """Manifests and gate records name artifacts by sha256: those must agree with the bundle."""
     known = artifact_digests(contents, info)
     for name in sorted(n for n in contents.digests if n.startswith("manifests/") and n.endswith(".json")):
-        for path, entry in sorted(contents.json(name).get("files", {}).items()):
+        manifest = validate_manifest(contents.json(name), origin=name, error=NotVerifiedError)
+        for path, entry in sorted(manifest.files.items()):
             if path not in known:
                 raise NotVerifiedError(f"{name}: lists {path}, which the bundle neither holds nor lists")
-            if known[path] != entry.get("sha256"):
+            if known[path] != entry.sha256:
                 raise NotVerifiedError(f"{path}: sha256 in {name} differs from the bundle's")
     for gate, record in gate_records(contents).items():
         for path, digest in sorted(record.inputs.items()):

@@ -8,10 +8,11 @@ import json
 import os
 import shutil
 import tempfile
-from pathlib import Path
-from typing import Any, Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ArtifactError, SasgateError
 
@@ -150,13 +151,57 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ArtifactError(f"corrupt artifact {path}: {exc}") from None
 
 
+class ManifestFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class Manifest(BaseModel):
+    """`manifests/<stage>.json`: the sha256 and size of every file one stage produced."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+
+    schema_: Literal["sasgate.manifest/1"] = Field(alias="schema")
+    stage: str = Field(min_length=1)
+    files: dict[str, ManifestFile]
+
+    @field_validator("files")
+    @classmethod
+    def _relative_paths(cls, v: dict[str, ManifestFile]) -> dict[str, ManifestFile]:
+        for rel in v:
+            parts = rel.split("/")
+            if rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
+                raise ValueError(f"{rel!r} is not a project-relative posix path")
+        return v
+
+
+def validate_manifest(raw: Any, origin: str, error: type[SasgateError] = ArtifactError) -> Manifest:
+    """A Manifest from parsed JSON; a malformed one is one `error` naming the file and the field."""
+    from .validation import describe_validation
+
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise error(f"{origin}: invalid manifest: {describe_validation(exc)}") from None
+    stem = PurePosixPath(origin).stem
+    if manifest.stage != stem:
+        raise error(f"{origin}: invalid manifest: stage: is {manifest.stage!r}, the file is named for {stem!r}")
+    return manifest
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """Read and validate `manifests/<stage>.json` (missing, corrupt or malformed: ArtifactError, exit 5)."""
+    return validate_manifest(read_json(path), origin=Path(path).as_posix())
+
+
 def verify_manifest(manifest_path: Path, root: Path) -> list[str]:
     """Return the files whose sha256 or size no longer match the manifest (empty: intact)."""
-    record = read_json(manifest_path)
     bad = []
-    for rel, entry in sorted(record.get("files", {}).items()):
+    for rel, entry in sorted(read_manifest(manifest_path).files.items()):
         f = root / rel
-        if not f.is_file() or f.stat().st_size != entry["size"] or sha256_file(f) != entry["sha256"]:
+        if not f.is_file() or f.stat().st_size != entry.size or sha256_file(f) != entry.sha256:
             bad.append(rel)
     return bad
 
@@ -169,10 +214,52 @@ def read_text(path: str | os.PathLike, error: type[SasgateError], missing: str) 
         raise error(missing) from None
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping names one key twice (PyYAML would silently keep the last value; DVC refuses the file)."""
+
+
+def _check_unique_keys(node: yaml.Node, where: str, seen_nodes: set[int]) -> None:
+    if id(node) in seen_nodes:  # an alias of a node already checked (or a recursive one)
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, f"{where}[{i}]", seen_nodes)
+    elif isinstance(node, yaml.MappingNode):
+        lines: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            scalar = isinstance(key_node, yaml.ScalarNode)
+            name = f"{where}.{key_node.value}" if where and scalar else (key_node.value if scalar else where)
+            if scalar and key_node.tag != "tag:yaml.org,2002:merge":
+                key, line = (key_node.tag, key_node.value), key_node.start_mark.line + 1
+                if key in lines:
+                    raise DuplicateKeyError(f"duplicate key {name!r} on lines {lines[key]} and {line} "
+                                            f"(YAML would silently keep the second)")
+                lines[key] = line
+            _check_unique_keys(value_node, name, seen_nodes)
+
+
+def parse_yaml(text: str) -> Any:
+    """safe_load, refusing a mapping that names a key twice (DuplicateKeyError names it and both lines)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_unique_keys(node, "", set())
+        return loader.construct_document(node)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | os.PathLike, error: type[SasgateError], missing: str) -> Any:
-    """A YAML file's content; a missing file (`missing` is the message) or invalid YAML is one `error`."""
+    """A YAML file's content; a missing file (`missing` is the message), invalid YAML or a duplicate key is one `error`."""
     text = read_text(path, error, missing)
     try:
-        return yaml.safe_load(text)
+        return parse_yaml(text)
+    except DuplicateKeyError as exc:
+        raise error(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise error(f"{path}: not valid YAML: {exc}") from None

@@ -207,13 +207,15 @@ def preregister(reason: str, params_file: str, tsa: str | None, tsa_cert: str | 
 @fails_cleanly
 def status(as_json: bool, record: str | None, params_file: str, tsa_cert: str | None) -> None:
     """The decision, every gate (status, key figure, threshold), the reopen conditions, and whether
-    the artifacts on disk still match their manifests.
+    what is on disk is what the pipeline wrote: for every stage dvc.yaml declares, its manifest
+    exists and is well-formed, every out exists, matches it and is listed in it, and `dvc status`
+    reports nothing (each problem names the stage).
 
     With --record FILE: the study record's figures go through the same state machine; prints its
     decision and CLAIMS.md and whether they reproduce the study's recorded conclusion.
-    Exit 1 when something is flagged (a changed artifact, a stale decision, an edited CLAIMS.md,
-    a record whose conclusion is not reproduced, a protocol preregistered after the results it
-    judges). Exit 12 when the preregistration's RFC 3161 timestamp does not verify.
+    Exit 1 when something is flagged (a missing or changed artifact or manifest, a stale decision,
+    an edited CLAIMS.md, a record whose conclusion is not reproduced, a protocol preregistered after
+    the results it judges). Exit 12 when the preregistration's RFC 3161 timestamp does not verify.
     """
     from . import status as st
 

@@ -1,4 +1,5 @@
-"""The params.yaml schema. Validated before any compute; unknown keys are errors.
+"""The params.yaml schema. Validated before any compute; unknown keys, inf/nan anywhere and a key
+named twice (artifacts.read_yaml) are errors.
 
 Every knob of the pipeline is here, so a DVC stage's behaviour is a function of
 params.yaml and its file deps alone.
@@ -6,6 +7,7 @@ params.yaml and its file deps alone.
 
 from __future__ import annotations
 
+import math
 import re
 from functools import cached_property
 from pathlib import Path
@@ -408,10 +410,23 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{key} = {err['input']!r}: {msg}"
 
 
+def _non_finite(raw: Any, where: str = "") -> list[str]:
+    """Every key path holding inf or nan, at any depth (a non-finite threshold would pass `ge`/`le` bounds)."""
+    if isinstance(raw, float) and not math.isfinite(raw):
+        return [f"{where or '(top level)'} = {raw!r}: not a finite number (.inf and .nan are refused anywhere)"]
+    if isinstance(raw, dict):
+        return [e for k, v in raw.items() for e in _non_finite(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(raw, list):
+        return [e for i, v in enumerate(raw) for e in _non_finite(v, f"{where}[{i}]")]
+    return []
+
+
 def parse_params(raw: Any, origin: str = "params") -> Params:
     """Validate a params mapping, turning pydantic's errors into one ParamsError naming each key."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{origin}: expected a mapping at the top level, got {type(raw).__name__}")
+    if bad := _non_finite(raw):
+        raise ParamsError(f"{origin}: invalid params:\n  " + "\n  ".join(bad))
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:

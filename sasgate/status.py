@@ -2,10 +2,12 @@
 
 For a project: the decision on disk and whether it still follows from the gate records, every
 gate (status, key figure, threshold), the reopen conditions, whether CLAIMS.md is the one the
-decision renders, whether every artifact still matches its manifest (a changed file is
-flagged), whether the preregistration still matches the stop rules, whether it preceded every
-gate record it judges (a protocol fixed after results is flagged), and its RFC 3161 timestamp,
-verified offline (a bad one: exit 12).
+decision renders, whether what is on disk is what the pipeline wrote (`_outputs`: every stage
+dvc.yaml declares has its manifest, every out it declares exists, matches the manifest and is
+listed in it, and `dvc status` finds it unchanged against dvc.lock), whether the preregistration
+still matches the stop rules, whether it preceded every gate record it judges (a protocol fixed
+after results is flagged), and its RFC 3161 timestamp, verified offline (a bad one: exit 12).
+ARCHITECTURE.md, "What `sasgate status` checks".
 
 For a study record (`records/*.yaml`, schema sasgate.study_record/1): its figures become gate
 records (statuses computed from the figures, e.g. each nMSE against its threshold), which go
@@ -20,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .artifacts import read_json, verify_manifest
+from .artifacts import iter_files, read_manifest, verify_manifest
 from .claims import GATES
 from .decision import Decision, decide, gate_summary, read_decision, render_claims_md, tuple_label
 from .errors import ArtifactError, PreregistrationError, RecordConsistencyError, TimestampError
@@ -187,17 +189,66 @@ def read_gates(paths: Paths) -> dict[str, GateRecord | None]:
     return {g: read_gate(paths.gate(g), gate=g) if paths.gate(g).is_file() else None for g in GATES}
 
 
-def _manifests(paths: Paths) -> dict[str, Any]:
-    """Every manifests/*.json checked against the files on disk: {stage: [changed or missing files]}."""
-    manifests = sorted(paths.manifest("-").parent.glob("*.json"))
-    changed: dict[str, list[str]] = {}
-    files = 0
-    for m in manifests:
-        files += len(read_json(m).get("files", {}))
-        bad = verify_manifest(m, paths.root)
-        if bad:
-            changed[m.stem] = bad
-    return {"manifests": len(manifests), "files": files, "changed": changed}
+def _stage_problems(paths: Paths, stage: str, outs: tuple[str, ...]) -> tuple[list[str], int]:
+    """What is wrong with one stage's outputs on disk (its manifest, every out), and how many files it lists."""
+    from .archive.dvcmeta import under
+
+    manifest = paths.rel(paths.manifest(stage))
+    problems = [] if manifest in outs else [f"dvc.yaml declares no manifest {manifest} for it"]
+    for out in (o for o in outs if o != manifest):
+        if not (paths.root / out).exists() or not any(iter_files(paths.root / out)):
+            problems.append(f"out {out} is missing")
+    if not paths.manifest(stage).is_file():
+        return problems + [f"manifest {manifest} is missing"], 0
+    try:
+        listed = read_manifest(paths.manifest(stage)).files
+        changed = verify_manifest(paths.manifest(stage), paths.root)
+    except ArtifactError as exc:
+        return problems + [str(exc)], 0
+    problems += [f"{rel} differs from {manifest}" if (paths.root / rel).is_file()
+                 else f"{rel} is missing (listed in {manifest})" for rel in changed]
+    problems += [f"{manifest} lists {rel}, which is not an out of this stage"
+                 for rel in sorted(listed) if not any(under(rel, o) for o in outs if o != manifest)]
+    on_disk = {f.relative_to(paths.root).as_posix() for o in outs if o != manifest and (paths.root / o).exists()
+               for f in iter_files(paths.root / o)}
+    problems += [f"{rel} is not in {manifest}" for rel in sorted(on_disk - set(listed))]
+    return problems, len(listed)
+
+
+def _outputs(paths: Paths) -> dict[str, Any]:
+    """Every stage dvc.yaml declares, checked against what is on disk: {stage: [problems]}, with counts.
+
+    Per stage: its manifest (manifests/<stage>.json) exists and is well-formed, every out it
+    declares exists, matches the manifest's sha256 and size and is listed in it; and each
+    change `dvc status` reports for the stage (a deleted or modified out, a changed dep or
+    param) is flagged too, so status and dvc agree on every out. Stray manifests (no stage
+    declares them) are flagged under their own name.
+    """
+    from .archive.dvcmeta import declared_outs, dvc_status
+
+    flagged: dict[str, list[str]] = {}
+    errors: list[str] = []  # what belongs to no stage: an unreadable dvc.yaml, a stray manifest, dvc failing
+    try:
+        declared = declared_outs(paths.root)
+    except ArtifactError as exc:
+        declared, errors = {}, [str(exc)]
+    files = manifests = 0
+    for stage, outs in declared.items():
+        problems, n = _stage_problems(paths, stage, outs)
+        files, manifests = files + n, manifests + paths.manifest(stage).is_file()
+        if problems:
+            flagged[stage] = problems
+    known = {paths.rel(paths.manifest(s)) for s in declared}
+    errors += [f"{paths.rel(m)}: no stage in dvc.yaml declares it"
+               for m in sorted(paths.manifest("-").parent.glob("*.json")) if paths.rel(m) not in known]
+    try:
+        changes = dvc_status(paths.root)
+    except ArtifactError as exc:
+        errors.append(str(exc))
+        changes = []
+    for c in changes:
+        flagged.setdefault(c.stage, []).append(f"dvc status: {c.describe()}")
+    return {"stages": len(declared), "manifests": manifests, "files": files, "flagged": flagged, "errors": errors}
 
 
 def _preregistration(params: Params, paths: Paths) -> dict[str, Any]:
@@ -264,9 +315,10 @@ def project_report(params: Params, paths: Paths, tsa_cert: Path | None = None) -
         md = paths.claims_md.read_text(encoding="utf-8") if paths.claims_md.is_file() else None
         if md != render_claims_md(on_disk):
             problems.append(f"{paths.rel(paths.claims_md)} is {'missing' if md is None else 'not the text decision.json renders (edited?)'}")
-    artifacts = _manifests(paths)
-    for stage, files in artifacts["changed"].items():
-        problems.append(f"artifacts changed since stage {stage} wrote them: {', '.join(files)}")
+    artifacts = _outputs(paths)
+    problems += artifacts["errors"]
+    for stage, found in artifacts["flagged"].items():
+        problems += [f"stage {stage}: {p}" for p in found]
     prereg = _preregistration(params, paths)
     if prereg["locked"] and not prereg["ok"]:  # goalposts moved after preregistration (no lock at all: not flagged)
         problems.append(f"preregistration: {prereg['message']}")
@@ -321,9 +373,10 @@ def format_decision(d: dict[str, Any] | None, gates: dict[str, Any]) -> list[str
 def format_project(report: dict[str, Any]) -> str:
     lines = format_decision(report["decision"], report["gates"])
     a = report["artifacts"]
-    lines.append(f"artifacts: {a['files']} files in {a['manifests']} manifests"
-                 + (", all match" if not a["changed"] else ", CHANGED: " + "; ".join(
-                     f"{s}: {', '.join(f)}" for s, f in a["changed"].items())))
+    lines.append(f"artifacts: {a['files']} files in {a['manifests']} manifests of {a['stages']} stages"
+                 + (", all match (manifests and dvc status)" if not a["flagged"] and not a["errors"]
+                    else ", FLAGGED: " + ", ".join([f"{s} ({len(f)})" for s, f in a["flagged"].items()]
+                                                   + (["not checked: see the problems"] if a["errors"] else []))))
     p = report["preregistration"]
     lines.append(f"preregistration: {'ok' if p['ok'] else 'NOT OK'}: {p['message']}")
     if p.get("in_time"):

@@ -7,7 +7,7 @@ output is a constant stamp, so a valid change does not cascade through it.
 
 from __future__ import annotations
 
-from sasgate.artifacts import atomic_write_json
+from sasgate.artifacts import atomic_write_json, write_manifest
 from sasgate.params import Params
 from sasgate.paths import Paths
 from sasgate.stage_runner import stage_main
@@ -16,7 +16,9 @@ STAMP = {"schema": "sasgate.params_check/1", "valid": True}
 
 
 def run(params: Params, paths: Paths) -> dict:
-    atomic_write_json(paths.root / "artifacts" / "params_check.json", STAMP)
+    out = paths.root / "artifacts" / "params_check.json"
+    atomic_write_json(out, STAMP)
+    write_manifest(paths.manifest("params"), "params", [out], paths.root)  # every stage has one (`sasgate status`)
     return STAMP
 
 

@@ -12,19 +12,21 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from projects import REPO, copy_project, sh
 from sasgate.archive import bundle, dsse, keys
 from sasgate.archive.dvcmeta import read_pipeline
-from sasgate.archive.export import export
-from sasgate.archive.reproduce import compare
+from sasgate.archive.export import export, predicate_for
+from sasgate.archive.reproduce import _sh, _within_tolerance, compare
 from sasgate.archive.safe_extract import iter_members
 from sasgate.archive.verify import verify
-from sasgate.artifacts import iter_files
+from sasgate.artifacts import canonical_json, iter_files
 from sasgate.cli import main
 from sasgate.errors import NotVerifiedError
 
@@ -130,13 +132,13 @@ def test_show_is_labelled_unverified(bundle_path):
 # --- tampering ------------------------------------------------------------------------------
 
 
-def rebuild(members: dict[str, bytes], out: Path, resign_with=None) -> Path:
+def rebuild(members: dict[str, bytes], out: Path, resign_with=None, predicate: dict | None = None) -> Path:
     """Write members as a bundle; with a key, sign a fresh statement over them (a dishonest signer)."""
     members = dict(members)
     if resign_with is not None:
         old = json.loads(base64.b64decode(json.loads(members[bundle.ENVELOPE])["payload"]))
         digests = {n: hashlib.sha256(d).hexdigest() for n, d in members.items() if n != bundle.ENVELOPE}
-        members[bundle.ENVELOPE] = dsse.sign(dsse.make_statement(digests, old["predicate"]), resign_with)
+        members[bundle.ENVELOPE] = dsse.sign(dsse.make_statement(digests, predicate or old["predicate"]), resign_with)
     bundle.write_bundle(out, [bundle.Entry(n, hashlib.sha256(d).hexdigest(), data=d) for n, d in members.items()])
     return out
 
@@ -175,8 +177,72 @@ def test_another_keys_signature_is_refused(members, keypair, tmp_path, bundle_pa
     assert res.exit_code == 1
     assert f"{bundle.ENVELOPE}: no signature verifies with the given key {keypair.fingerprint}" in res.output
     assert other.fingerprint in res.output
+    # the statement still names the original signer: under other's key it is refused, naming both
     res = CliRunner().invoke(main, ["archive", "verify", str(swapped), "--key", str(other.public_path)])
-    assert res.exit_code == 0 and f"signed by: {other.fingerprint}" in res.output  # what it is: other's bundle
+    assert res.exit_code == 1, res.output
+    assert f"names signer key '{keypair.fingerprint}', but it verified with the given key {other.fingerprint}" \
+        in res.output
+    # other signing as itself (bundle.json and the predicate name other) is other's bundle, and verifies as such
+    info = json.loads(members[bundle.BUNDLE_INFO])
+    info["signer"] = {"keyid": other.fingerprint, "name": "someone else"}
+    own = {**members, bundle.BUNDLE_INFO: canonical_json(info).encode()}
+    own_path = rebuild(own, tmp_path / "o.tar.gz", resign_with=keys.load_private(other.private_path),
+                       predicate=predicate_for(json.loads(members["decision.json"]), info))
+    res = CliRunner().invoke(main, ["archive", "verify", str(own_path), "--key", str(other.public_path)])
+    assert res.exit_code == 0 and f"signed by: {other.fingerprint}" in res.output, res.output
+
+
+def test_negative_tolerances_in_a_resigned_bundle_are_not_verified(members, keypair, tmp_path):
+    info = json.loads(members[bundle.BUNDLE_INFO])
+    info["tolerances"]["rtol"] = -0.5  # every re-run would then be "not reproduced", or with atol < 0 any
+    edited = {**members, bundle.BUNDLE_INFO: canonical_json(info).encode()}
+    why = reason(rebuild(edited, tmp_path / "t.tar.gz", keys.load_private(keypair.private_path)),
+                 keypair.public_path)
+    assert why.startswith(f"{bundle.BUNDLE_INFO}: invalid: tolerances.rtol: Input should be greater than or equal to 0")
+
+
+@pytest.mark.parametrize("tamper", ["flipped byte", "re-signed decision edit"])
+@pytest.mark.parametrize("exists", [False, True], ids=["absent workdir", "empty workdir"])
+def test_verify_workdir_on_a_tampered_bundle_stays_absent_or_empty(members, keypair, tmp_path, monkeypatch,
+                                                                   tamper, exists):
+    """Members go to a private temp folder while checked; --workdir receives them only once verified."""
+    import stat
+
+    from sasgate.archive import verify as verify_module
+
+    if tamper == "flipped byte":  # fails at the subject digests, after every member was read and written
+        gate = bytearray(members["gates/reconstruction.json"])
+        gate[len(gate) // 2] ^= 1
+        path = rebuild({**members, "gates/reconstruction.json": bytes(gate)}, tmp_path / "t.tar.gz")
+    else:  # the signature and digests hold; it fails later, at the decision
+        decision = json.loads(members["decision.json"])
+        decision["phase_movement_authorized"] = not decision["phase_movement_authorized"]
+        path = rebuild({**members, "decision.json": canonical_json(decision).encode()}, tmp_path / "t.tar.gz",
+                       keys.load_private(keypair.private_path))
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    work = parent / "work"
+    if exists:
+        work.mkdir()
+    seen: list[tuple[bool, list[str], int]] = []
+    real_check = verify_module.check_decision
+
+    def spy(contents):  # the state of the disk while the bundle is being checked
+        staging = [p for p in (work if exists else parent).iterdir() if p.name.startswith(".sasgate-verify-")]
+        seen.append((work.joinpath("bundle").exists(), [p.name for p in parent.iterdir()],
+                     stat.S_IMODE(staging[0].stat().st_mode) if staging else -1))
+        return real_check(contents)
+
+    monkeypatch.setattr(verify_module, "check_decision", spy)
+    res = CliRunner().invoke(main, ["archive", "verify", str(path), "--key", str(keypair.public_path), "--reproduce",
+                                    "--workdir", str(work)])
+    assert res.exit_code == 1 and "NOT VERIFIED" in res.output
+    assert (list(work.iterdir()) == [] if exists else not work.exists())
+    assert [p.name for p in parent.iterdir()] == (["work"] if exists else [])
+    if tamper != "flipped byte":
+        (bundle_there, names, mode), = seen
+        assert not bundle_there and mode == 0o700  # checked inside the private folder only
+        assert names == ["work"] if exists else len(names) == 1 and names[0].startswith(".sasgate-verify-")
 
 
 def _add_claim(members: dict[str, bytes]) -> dict[str, bytes]:
@@ -326,6 +392,54 @@ def test_compare_verdicts_follow_the_rerun_outputs(reproduced, bundle_path, keyp
     assert outcome.first_difference == named
     if verdict == "not reproduced":
         assert named in outcome.reason
+
+
+def _behaviour_flip(project: Path) -> None:
+    """The issue's example: SAS - DIM -0.099 becomes -0.101 at margin 0.1 (within tolerance, opposite verdict)."""
+    p = project / "gates" / "behaviour.json"
+    rec = json.loads(p.read_text())
+    rec["per_tuple"][0]["observed"] = -0.101
+    rec["details"]["decision"]["holds"] = not rec["details"]["decision"]["holds"]
+    p.write_text(json.dumps(rec, sort_keys=True, indent=2) + "\n")
+
+
+def test_a_flipped_verdict_is_not_reproduced_even_with_figures_in_tolerance(reproduced, bundle_path, keypair,
+                                                                             tmp_path):
+    _, work = reproduced
+    v = verify(bundle_path, keys.load_public(keypair.public_path))
+    project = _perturbed(work, tmp_path, _behaviour_flip)
+    outcome = compare(v, work / "bundle", project, read_pipeline(work / "bundle"))
+    assert outcome.verdict == "not reproduced" and outcome.first_difference == "gates/behaviour.json"
+    assert outcome.reason.startswith("a verdict flipped: gates/behaviour.json decision holds: ")
+
+
+def test_a_rerun_with_a_changed_margin_whose_outcome_flips_is_not_reproduced(reproduced, bundle_path, keypair,
+                                                                             tmp_path):
+    """A real `dvc repro` with another validity.margin: every figure stays (the margin moves none of them),
+    every gate status and the decision state stay, the outcome flips."""
+    _, work = reproduced
+    project = shutil.copytree(work / "project", tmp_path / "project", symlinks=True)  # git, DVC cache, outputs
+    before = json.loads((project / "gates" / "behaviour.json").read_text())
+    holds, estimate = before["details"]["decision"]["holds"], before["per_tuple"][0]["observed"]
+    margin = 1.0 if not holds else 0.0  # SMALL: SAS gets nothing from its tiny SAEs, so at 0.1 it does not hold
+    assert (estimate >= -margin) != holds, "no margin in [0, 1] flips this outcome"
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["validity"]["margin"] = margin
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    res = _sh([sys.executable, "-m", "dvc", "repro"], project, pythonpath=work / "pythonpath")
+    assert res.returncode == 0, res.stdout + res.stderr
+    after = json.loads((project / "gates" / "behaviour.json").read_text())
+    assert after["details"]["decision"]["holds"] != holds and after["status"] == before["status"]
+    v = verify(bundle_path, keys.load_public(keypair.public_path))
+    assert _within_tolerance(work / "bundle", project, v.info["tolerances"])[0] is None  # figures: all in tolerance
+    old_d, new_d = (json.loads((d / "decision.json").read_text()) for d in (work / "bundle", project))
+    assert {k: old_d[k] for k in ("decision_state", "active_path", "claims")} == \
+        {k: new_d[k] for k in ("decision_state", "active_path", "claims")}
+    outcome = compare(v, work / "bundle", project, read_pipeline(work / "bundle"))
+    assert outcome.verdict == "not reproduced", outcome.to_json()
+    flip = f"gates/behaviour.json decision holds: {json.dumps(holds)} in the bundle, {json.dumps(not holds)} " \
+           "in the re-run"
+    assert outcome.reason.startswith(f"a verdict flipped: {flip}") and flip in outcome.flips
 
 
 def test_reproduce_reports_a_failed_rerun(reproduced, bundle_path, keypair, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,62 @@ def test_a_bad_package_map_is_refused(tmp_path, pyproject, message):
     (tmp_path / "pythonpath").mkdir()
     with pytest.raises(ArtifactError, match=message):
         source_overlay(original, tmp_path / "pythonpath", original)
+
+
+# --- verdicts: what must not flip for decision-equivalent (ARCHITECTURE.md, "The archive contract") ---
+
+
+def test_the_behaviour_comparisons_are_compared_by_kind_and_operator():
+    """The record shape of issue 11: a top-level outcome and one comparison per (kind, operator)."""
+    from sasgate.archive.reproduce import _gate_verdicts
+
+    rec = {"status": "pass", "per_tuple": [], "outcome": "holds",
+           "comparisons": [{"kind": "induce", "operator": "addition", "estimate": -0.099, "outcome": "holds"},
+                           {"kind": "bypass", "operator": "directional_ablation", "estimate": 0.02,
+                            "outcome": "holds"}]}
+    got = _gate_verdicts("gates/behaviour.json", rec)
+    assert got["gates/behaviour.json outcome"] == "holds"
+    assert got["gates/behaviour.json comparison (induce, addition) outcome"] == "holds"
+    flipped = {**rec, "outcome": "inconclusive",
+               "comparisons": [{**rec["comparisons"][0], "estimate": -0.101, "outcome": "inconclusive"},
+                               rec["comparisons"][1]]}
+    new = _gate_verdicts("gates/behaviour.json", flipped)
+    assert [k for k in got if got[k] != new[k]] == ["gates/behaviour.json outcome",
+                                                     "gates/behaviour.json comparison (induce, addition) outcome"]
+
+
+def _run_dir(root: Path, holds: bool, allowed: list[str]) -> Path:
+    """A run's decision.json and gate records (constructed), the behaviour decision holding or not."""
+    from gate_records import TUPLES, behaviour, reconstruction, remediation, stability
+    from sasgate.decision import decide
+    from sasgate.gates import validate_gate, write_gate
+
+    b = behaviour().to_json()
+    b["details"] = {"decision": {"holds": holds, "per_kind": {"induce": {"holds": holds}, "bypass": {"holds": True}}}}
+    records = {r.gate: r for r in map(validate_gate, [b, stability().to_json(), reconstruction(0.163, 0.195).to_json(),
+                                                      remediation("stopped").to_json()])}
+    for rec in records.values():
+        write_gate(root / "gates" / f"{rec.gate}.json", rec)
+    d = decide(records, TUPLES).to_json()
+    d["claims"]["allowed"] = [c for c in d["claims"]["allowed"] if c["id"] in allowed]
+    (root / "decision.json").write_text(json.dumps(d))
+    return root
+
+
+def test_verdict_flips_name_each_flipped_verdict(tmp_path):
+    from sasgate.archive.reproduce import verdict_flips
+
+    allowed = ["behaviour-decision-valid", "behaviour-stable-as-tested"]
+    old = _run_dir(tmp_path / "old", holds=False, allowed=allowed)
+    assert verdict_flips(old, _run_dir(tmp_path / "same", holds=False, allowed=allowed)) == []
+    new = _run_dir(tmp_path / "new", holds=True, allowed=allowed[:1])
+    assert verdict_flips(old, new) == [
+        "decision.json allowed claims: the re-run gains none and loses ['behaviour-stable-as-tested']",
+        "gates/behaviour.json decision holds: false in the bundle, true in the re-run",
+        "gates/behaviour.json decision induce holds: false in the bundle, true in the re-run"]
+    (new / "gates" / "stability.json").unlink()
+    (new / "gates" / "remediation.json").write_text('{"schema": "sasgate.gate/1", "gate": "remediation"}')
+    flips = verdict_flips(old, new)
+    assert "gates/stability.json status: 'pass' in the bundle, 'absent' in the re-run" in flips
+    assert any(f.startswith("gates/remediation.json status: 'fail' in the bundle, ") and
+               "malformed (gates/remediation.json: invalid gate record: missing field" in f for f in flips)

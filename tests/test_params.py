@@ -95,3 +95,59 @@ def test_every_command_has_help():
     for args in ([], ["params"], ["params", "check"], ["lock"]):
         res = runner.invoke(main, [*args, "--help"])
         assert res.exit_code == 0 and "Usage:" in res.output, args
+
+
+# --- non-finite numbers and duplicate keys (issue 13) ------------------------------------------
+
+
+@pytest.mark.parametrize("mutate, named", [
+    (lambda r: r["reconstruction"].__setitem__("threshold", float("inf")), "reconstruction.threshold = inf"),
+    (lambda r: r["steer"].__setitem__("add_coefficients", [0.5, float("-inf")]), "steer.add_coefficients[1] = -inf"),
+    (lambda r: r["watch"].__setitem__("timeout_s", float("inf")), "watch.timeout_s = inf"),
+    (lambda r: r["directions"].__setitem__("induce_threshold", float("nan")), "directions.induce_threshold = nan"),
+])
+def test_non_finite_numbers_are_refused_anywhere(tmp_path, mutate, named):
+    """Each passes its field's bounds (inf >= 0, nan is a float): the old schema accepted all of them."""
+    raw = default_raw()
+    mutate(raw)
+    res = check(tmp_path, raw)  # yaml.safe_dump writes them as .inf / -.inf / .nan
+    assert res.exit_code == 2, res.output
+    assert f"{named}: not a finite number" in res.output
+
+
+@pytest.mark.parametrize("text, named", [
+    ("reconstruction:\n  threshold: 0.12\n  threshold: 0.5\n", "duplicate key 'reconstruction.threshold' on lines 2 and 3"),
+    ("validity:\n  margin: 0.1\nvalidity:\n  margin: 0.3\n", "duplicate key 'validity' on lines 1 and 3"),
+    ("tuples:\n  - layer: 1\n    site: resid_pre\n    layer: 3\n", "duplicate key 'tuples[0].layer' on lines 2 and 4"),
+])
+def test_a_key_named_twice_is_refused_naming_it_and_both_lines(tmp_path, text, named):
+    f = tmp_path / "params.yaml"
+    f.write_text(text)
+    res = CliRunner().invoke(main, ["params", "check", str(f)])
+    assert res.exit_code == 2 and named in res.output, res.output
+    assert yaml.safe_load(text)  # PyYAML alone keeps the last value silently
+
+
+def test_merge_keys_and_aliases_are_not_duplicates():
+    from sasgate.artifacts import parse_yaml
+
+    text = "base: &b {k: 1, j: 2}\nover:\n  <<: *b\n  k: 3\nagain: *b\n"
+    assert parse_yaml(text) == {"base": {"k": 1, "j": 2}, "over": {"k": 3, "j": 2}, "again": {"k": 1, "j": 2}}
+    assert parse_yaml("") is None
+
+
+@pytest.mark.slow
+def test_an_infinite_threshold_stops_dvc_repro_before_any_gate_record_is_touched(reproduced_small, tmp_path):
+    """The old schema let `.inf` through to the reconstruction stage, after DVC had deleted its gate record."""
+    from projects import copy_project, dvc
+
+    root = copy_project(reproduced_small, tmp_path / "p")
+    gate = (root / "gates" / "reconstruction.json").read_bytes()
+    params = (root / "params.yaml").read_text()
+    assert "threshold: 0.12" in params
+    (root / "params.yaml").write_text(params.replace("threshold: 0.12", "threshold: .inf", 1))
+    res = dvc(root, "repro", check=False)
+    assert res.returncode != 0
+    assert "reconstruction.threshold = inf: not a finite number" in res.stdout + res.stderr
+    assert "Running stage 'reconstruction'" not in res.stdout
+    assert (root / "gates" / "reconstruction.json").read_bytes() == gate

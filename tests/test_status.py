@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +14,7 @@ import pytest
 import yaml
 
 from gate_records import behaviour, reconstruction, remediation, stability
-from sasgate.artifacts import write_manifest
+from sasgate.artifacts import read_manifest, write_manifest
 from sasgate.errors import ArtifactError
 from sasgate.gates import write_gate
 from sasgate.params import parse_params
@@ -93,17 +96,34 @@ def test_bad_records_are_refused(tmp_path, edit, named):
 
 PARAMS = {"tuples": [{"layer": 0, "site": "resid_pre", "sae": "train"},
                      {"layer": 1, "site": "resid_post", "sae": "train"}]}
+NO_CACHE = {"cache": False}
+# a two-stage pipeline whose outputs the fixture writes itself; `dvc commit` records them in dvc.lock
+DVC_YAML = {"stages": {
+    "reconstruction": {"cmd": "true", "deps": ["params.yaml"],
+                       "outs": [{"gates/reconstruction.json": NO_CACHE}, {"manifests/reconstruction.json": NO_CACHE}]},
+    "decide": {"cmd": "true", "deps": ["gates/reconstruction.json"],
+               "outs": [{"decision.json": NO_CACHE}, {"CLAIMS.md": NO_CACHE}, {"manifests/decide.json": NO_CACHE}]},
+}}
 
 
-@pytest.fixture
-def project(tmp_path) -> Paths:
-    """A project preregistered before its gate records were written (constructed); its decide stage has run."""
-    import shutil
+def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True,
+                         env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res
 
+
+@pytest.fixture(scope="module")
+def project_template(tmp_path_factory) -> Path:
+    """A real DVC project (no git), preregistered before its gate records were written (constructed); decide has
+    run, dvc.lock committed."""
     from sasgate.preregistration import preregister
 
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    paths = Paths.at(tmp_path)
+    root = tmp_path_factory.mktemp("status") / "project"
+    root.mkdir()
+    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    (root / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML, sort_keys=False))
+    paths = Paths.at(root)
     paths.stop_rules.parent.mkdir()
     shutil.copy(REPO / "preregistration" / "stop_rules.yaml", paths.stop_rules)
     preregister(parse_params(PARAMS), paths, "before the run")
@@ -111,20 +131,31 @@ def project(tmp_path) -> Paths:
         write_gate(paths.gate(rec.gate), rec)
     write_manifest(paths.manifest("reconstruction"), "reconstruction", [paths.gate("reconstruction")], paths.root)
     decide_stage.run(parse_params(PARAMS), paths)
-    return paths
+    dvc(root, "init", "--no-scm", "-q")
+    dvc(root, "commit", "-f", "-q")
+    return root
+
+
+@pytest.fixture
+def project(project_template, tmp_path) -> Paths:
+    return Paths.at(shutil.copytree(project_template, tmp_path / "project"))
+
+
+def problems_of(paths: Paths) -> list[str]:
+    return project_report(parse_params(PARAMS), paths)["problems"]
 
 
 def test_project_status_is_clean_after_decide(project):
     report = project_report(parse_params(PARAMS), project)
     assert report["decision"]["decision_state"] == "conditional_hold"
     assert report["gates"]["reconstruction"]["key_figure"] == 0.195
-    assert report["artifacts"] == {"manifests": 2, "files": 3, "changed": {}}
+    assert report["artifacts"] == {"stages": 2, "manifests": 2, "files": 3, "flagged": {}, "errors": []}
     assert report["preregistration"]["ok"] is True
     assert report["preregistration"]["in_time"]["preregistered_after_results"] is False
     assert report["problems"] == []
     res = sasgate("status", cwd=project.root)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "decision: conditional_hold" in res.stdout and "all match" in res.stdout
+    assert "decision: conditional_hold" in res.stdout and "all match (manifests and dvc status)" in res.stdout
 
 
 def test_an_edited_claims_md_and_a_changed_gate_record_are_flagged(project):
@@ -137,8 +168,95 @@ def test_an_edited_claims_md_and_a_changed_gate_record_are_flagged(project):
     assert res.returncode == 1
     problems = json.loads(res.stdout)["problems"]
     assert any("CLAIMS.md" in p and "edited" in p for p in problems)
-    assert any("artifacts changed" in p and "gates/reconstruction.json" in p for p in problems)
+    assert "stage reconstruction: gates/reconstruction.json differs from manifests/reconstruction.json" in problems
+    assert "stage decide: CLAIMS.md differs from manifests/decide.json" in problems
+    assert "stage reconstruction: dvc status: changed outs: gates/reconstruction.json (modified)" in problems
     assert any("no decision follows" in p or "no longer follows" in p for p in problems)
+
+
+@pytest.mark.parametrize("remove, named", [
+    ("manifests/decide.json", ["stage decide: manifest manifests/decide.json is missing",
+                               "stage decide: dvc status: changed outs: manifests/decide.json (deleted)"]),
+    ("gates/reconstruction.json", ["stage reconstruction: out gates/reconstruction.json is missing",
+                                   "stage reconstruction: gates/reconstruction.json is missing (listed in "
+                                   "manifests/reconstruction.json)",
+                                   "stage reconstruction: dvc status: changed outs: gates/reconstruction.json "
+                                   "(deleted)"]),
+])
+def test_a_missing_manifest_or_out_is_flagged_naming_the_stage(project, remove, named):
+    """The old status checked only the manifests that exist: a deleted one, with its outs, passed as clean."""
+    (project.root / remove).unlink()
+    problems = problems_of(project)
+    for text in named:
+        assert text in problems
+    res = sasgate("status", cwd=project.root)
+    assert res.returncode == 1 and f"problem: {named[0]}" in res.stdout
+
+
+def test_an_out_rewritten_with_its_manifest_is_caught_by_dvc_lock(project):
+    """Manifest and file agree (as when a stage is run by hand outside DVC), but dvc.lock does not."""
+    rec = json.loads(project.gate("reconstruction").read_text())
+    rec["reason"] = "rewritten by hand"
+    project.gate("reconstruction").write_text(json.dumps(rec, sort_keys=True, indent=2) + "\n")
+    write_manifest(project.manifest("reconstruction"), "reconstruction", [project.gate("reconstruction")],
+                   project.root)
+    problems = problems_of(project)
+    assert "stage reconstruction: dvc status: changed outs: gates/reconstruction.json (modified)" in problems
+    assert not any("differs from manifests" in p for p in problems)
+
+
+def test_unlisted_and_foreign_files_and_stray_manifests_are_flagged(project):
+    m = json.loads(project.manifest("decide").read_text())
+    m["files"]["gates/behaviour.json"] = {"sha256": "0" * 64, "size": 1}  # another stage's file
+    del m["files"]["CLAIMS.md"]
+    project.manifest("decide").write_text(json.dumps(m))
+    (project.root / "manifests" / "old_stage.json").write_text("{}")
+    problems = problems_of(project)
+    assert "stage decide: manifests/decide.json lists gates/behaviour.json, which is not an out of this stage" in problems
+    assert "stage decide: CLAIMS.md is not in manifests/decide.json" in problems
+    assert "manifests/old_stage.json: no stage in dvc.yaml declares it" in problems
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda m: m["files"]["CLAIMS.md"].update(size="12"), "files.CLAIMS.md.size"),
+    (lambda m: m["files"]["CLAIMS.md"].pop("sha256"), "files.CLAIMS.md.sha256"),
+    (lambda m: m.update(stage="other"), "stage"),
+    (lambda m: m.update(extra=1), "extra"),
+    (lambda m: m["files"].update({"../escape": m["files"]["CLAIMS.md"]}), "not a project-relative posix path"),
+])
+def test_a_malformed_manifest_is_an_error_naming_file_and_field(project, edit, field):
+    m = json.loads(project.manifest("decide").read_text())
+    edit(m)
+    project.manifest("decide").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match=f"manifests/decide.json: invalid manifest: .*{re.escape(field)}") as exc:
+        read_manifest(project.manifest("decide"))
+    assert exc.value.exit_code == 5
+    assert any(p.startswith("stage decide: ") and field in p and "manifests/decide.json" in p
+               for p in problems_of(project))
+
+
+def test_a_stage_without_a_manifest_and_a_project_dvc_cannot_read_are_flagged(project):
+    spec = yaml.safe_load((project.root / "dvc.yaml").read_text())
+    spec["stages"]["decide"]["outs"] = [o for o in spec["stages"]["decide"]["outs"] if "manifests/decide.json" not in o]
+    (project.root / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    problems = problems_of(project)
+    assert "stage decide: dvc.yaml declares no manifest manifests/decide.json for it" in problems
+    shutil.rmtree(project.root / ".dvc")
+    assert any(p.startswith("dvc status failed: ") for p in problems_of(project))
+    (project.root / "dvc.yaml").unlink()
+    assert "missing dvc.yaml: not the root of a DVC project" in problems_of(project)
+
+
+def test_status_help_says_what_it_checks():
+    from click.testing import CliRunner
+
+    from sasgate.cli import main
+
+    res = CliRunner().invoke(main, ["status", "--help"])
+    assert res.exit_code == 0
+    text = " ".join(res.output.split())
+    assert "for every stage dvc.yaml declares, its manifest exists and is well-formed" in text
+    assert "`dvc status` reports nothing (each problem names the stage)" in text and "Exit 1" in text
 
 
 def test_status_without_a_decision_says_so(tmp_path):
@@ -153,3 +271,108 @@ def test_a_protocol_changed_after_preregistration_is_flagged(project):
     moved = parse_params({**PARAMS, "reconstruction": {"threshold": 0.2}})  # the goalposts, after the fact
     problems = project_report(moved, project)["problems"]
     assert any(p.startswith("preregistration:") and "reconstruction.threshold: 0.12 -> 0.2" in p for p in problems)
+
+
+# --- the real pipeline: status against dvc status, and a killed `dvc repro` ----------------------
+
+
+def out_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file of every out dvc.yaml declares."""
+    from sasgate.archive.dvcmeta import declared_outs
+    from sasgate.artifacts import iter_files, sha256_file
+
+    return {f.relative_to(root).as_posix(): sha256_file(f) for outs in declared_outs(root).values()
+            for o in outs if (root / o).exists() for f in iter_files(root / o)}
+
+
+def flagged_out_stages(root: Path) -> tuple[set[str], set[str]]:
+    """(stages `sasgate status` flags for their own outs or manifest, stages `dvc status` lists with changed outs)."""
+    from sasgate.archive.dvcmeta import dvc_status
+
+    res = sasgate("status", "--json", cwd=root)
+    report = json.loads(res.stdout)
+    ours = {s for s, found in report["artifacts"]["flagged"].items()
+            if any(not p.startswith("dvc status:") for p in found)}
+    theirs = {c.stage for c in dvc_status(root) if c.kind == "changed outs"}
+    return ours, theirs
+
+
+FAULTS = {  # each one a change the old status passed as clean, or flagged under no stage
+    "steer": lambda root: shutil.rmtree(root / "artifacts" / "steer"),  # a cached folder out
+    "score": lambda root: (root / "artifacts" / "score" / "scores.jsonl").unlink(),  # a file inside one
+    "model": lambda root: (root / "manifests" / "model.json").unlink(),  # a manifest
+    "params": lambda root: (root / "artifacts" / "params_check.json").write_text('{"valid": true}\n'),  # cache: false
+}
+
+
+@pytest.mark.slow
+def test_the_reproduced_project_is_clean(reproduced_small, tmp_path):
+    from projects import copy_project
+
+    root = copy_project(reproduced_small, tmp_path / "p")
+    res = sasgate("status", cwd=root)
+    assert res.returncode == 0, res.stdout + res.stderr
+    n = len(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+    assert f"manifests of {n} stages, all match" in res.stdout and f"in {n} manifests" in res.stdout
+    assert flagged_out_stages(root) == (set(), set())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", sorted(FAULTS))
+def test_status_agrees_with_dvc_status_on_every_out(reproduced_small, tmp_path, stage):
+    from projects import copy_project
+
+    root = copy_project(reproduced_small, tmp_path / "p")
+    FAULTS[stage](root)
+    ours, theirs = flagged_out_stages(root)
+    assert stage in ours and ours == theirs, (ours, theirs)
+    res = sasgate("status", cwd=root)
+    assert res.returncode == 1 and f"problem: stage {stage}: " in res.stdout
+
+
+def _stage_process(group: int, stage: str) -> bool:
+    """Whether a process of the group runs `python -m sasgate.stages.<stage>`."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[2]) == group and f"sasgate.stages.{stage}".encode() in cmd:
+            return True
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the stage process")
+def test_a_sigkilled_dvc_repro_is_flagged_naming_the_stage_and_a_rerun_restores_identical_outputs(
+        reproduced_small, tmp_path):
+    import signal
+    import time
+
+    from projects import copy_project, dvc, env
+
+    root = copy_project(reproduced_small, tmp_path / "p")
+    before, lock = out_hashes(root), (root / "dvc.lock").read_bytes()
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "steer"], cwd=root,
+                            env=env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not _stage_process(proc.pid, "steer") and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # inside the stage: it has loaded its inputs and is generating
+    assert proc.poll() is None, "steer finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # dvc repro and the stage, as a crash or the OOM killer would
+    proc.wait()
+    assert not (root / "artifacts" / "steer").exists()  # DVC deleted the outs before running the stage
+
+    res = sasgate("status", "--json", cwd=root)
+    assert res.returncode == 1
+    problems = json.loads(res.stdout)["problems"]
+    assert "stage steer: manifest manifests/steer.json is missing" in problems
+    assert "stage steer: out artifacts/steer is missing" in problems
+    ours, theirs = flagged_out_stages(root)
+    assert ours == theirs == {"steer"}
+
+    dvc(root, "repro")
+    assert out_hashes(root) == before and (root / "dvc.lock").read_bytes() == lock
+    assert sasgate("status", cwd=root).returncode == 0
