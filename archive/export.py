@@ -47,7 +47,8 @@ ALWAYS_DIRS = ("preregistration",)  # bundled whole even if not committed yet
 DEFAULT_RTOL = 0.05
 DEFAULT_ATOL = 1e-3
 TOLERANCE_RULE = ("|reproduced - original| <= atol + rtol * |original| for every gate record's per-tuple observed "
-                  "value and ci95 bounds; every verdict (decision, gate statuses, comparison outcomes, claims) equal")
+                  "value and ci95 bounds and every behaviour comparison's estimate and ci; every verdict (decision, "
+                  "gate statuses, comparison outcomes, claims) equal")
 _CHUNK = 1 << 20
 
 

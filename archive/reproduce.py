@@ -174,6 +174,11 @@ def _figures(record: dict[str, Any]) -> Iterator[tuple[str, float | None]]:
         yield f"{label} observed", t.get("observed")
         for i, bound in enumerate(t.get("ci95") or []):
             yield f"{label} ci95[{i}]", bound
+    for c in record.get("comparisons") or []:  # the behaviour gate's effect(SAS) - effect(DIM) and its CI
+        label = f"comparison ({c.get('kind')}, {c.get('operator')})"
+        yield f"{label} estimate", c.get("estimate")
+        for i, bound in enumerate(c.get("ci") or []):
+            yield f"{label} ci[{i}]", bound
 
 
 def _record(path: Path, gate: str | None = None) -> dict[str, Any] | str:
@@ -201,16 +206,11 @@ def _gate_verdicts(rel: str, rec: dict[str, Any]) -> dict[str, Any]:
         out[f"{rel} outcome"] = rec["outcome"]
     for c in rec.get("comparisons") or []:
         out[f"{rel} comparison ({c.get('kind')}, {c.get('operator')}) outcome"] = c.get("outcome")
-    # records from before `comparisons`: the decision's holds, overall and per kind, and stability's pooled one
+    # the stability gate's side of -margin and its split-half replication
     details = rec.get("details") or {}
-    decision = details.get("decision")
-    if isinstance(decision, dict):
-        if "holds" in decision:
-            out[f"{rel} decision holds"] = decision["holds"]
-        for kind, k in sorted((decision.get("per_kind") or {}).items()):
-            out[f"{rel} decision {kind} holds"] = k.get("holds") if isinstance(k, dict) else k
-    if "pooled_holds" in details:
-        out[f"{rel} pooled decision holds"] = details["pooled_holds"]
+    for key in ("pooled_on_side", "split_half_replicated"):
+        if key in details:
+            out[f"{rel} {key.replace('_', ' ')}"] = details[key]
     return out
 
 

@@ -395,11 +395,14 @@ def test_compare_verdicts_follow_the_rerun_outputs(reproduced, bundle_path, keyp
 
 
 def _behaviour_flip(project: Path) -> None:
-    """The issue's example: SAS - DIM -0.099 becomes -0.101 at margin 0.1 (within tolerance, opposite verdict)."""
+    """The issue's example, with the CI rule: a comparison's CI lower bound -0.099 becomes -0.101 at margin 0.1
+    (within tolerance, opposite verdict: holds becomes inconclusive)."""
     p = project / "gates" / "behaviour.json"
     rec = json.loads(p.read_text())
-    rec["per_tuple"][0]["observed"] = -0.101
-    rec["details"]["decision"]["holds"] = not rec["details"]["decision"]["holds"]
+    c = rec["comparisons"][0]
+    c["ci"][0] = -0.101 if c["outcome"] == "holds" else -0.099
+    c["outcome"] = {"holds": "inconclusive", "inconclusive": "holds", "fails": "inconclusive"}[c["outcome"]]
+    rec["outcome"] = c["outcome"] if c["outcome"] != "holds" else rec["outcome"]
     p.write_text(json.dumps(rec, sort_keys=True, indent=2) + "\n")
 
 
@@ -410,7 +413,8 @@ def test_a_flipped_verdict_is_not_reproduced_even_with_figures_in_tolerance(repr
     project = _perturbed(work, tmp_path, _behaviour_flip)
     outcome = compare(v, work / "bundle", project, read_pipeline(work / "bundle"))
     assert outcome.verdict == "not reproduced" and outcome.first_difference == "gates/behaviour.json"
-    assert outcome.reason.startswith("a verdict flipped: gates/behaviour.json decision holds: ")
+    assert outcome.reason.startswith("a verdict flipped: gates/behaviour.json ")
+    assert any("comparison (induce, addition) outcome" in f for f in outcome.flips)
 
 
 def test_a_rerun_with_a_changed_margin_whose_outcome_flips_is_not_reproduced(reproduced, bundle_path, keypair,
@@ -420,26 +424,32 @@ def test_a_rerun_with_a_changed_margin_whose_outcome_flips_is_not_reproduced(rep
     _, work = reproduced
     project = shutil.copytree(work / "project", tmp_path / "project", symlinks=True)  # git, DVC cache, outputs
     before = json.loads((project / "gates" / "behaviour.json").read_text())
-    holds, estimate = before["details"]["decision"]["holds"], before["per_tuple"][0]["observed"]
-    margin = 1.0 if not holds else 0.0  # SMALL: SAS gets nothing from its tiny SAEs, so at 0.1 it does not hold
-    assert (estimate >= -margin) != holds, "no margin in [0, 1] flips this outcome"
+    from sasgate.behaviour import overall, three_valued
+
+    def outcome_at(m: float) -> str:
+        return overall([three_valued(tuple(c["ci"]), m) for c in before["comparisons"]])
+
+    # a margin that flips the outcome while DIM still beats it (so the gate's status, assay sensitivity, stays)
+    dim_lo = min(c["effect_ci"]["dim"][0] for c in before["comparisons"])
+    margin = next((m / 100 for m in range(100) if m / 100 < dim_lo and outcome_at(m / 100) != before["outcome"]), None)
+    assert margin is not None, "no margin in [0, 1) flips this outcome and keeps the gate valid"
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["validity"]["margin"] = margin
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     res = _sh([sys.executable, "-m", "dvc", "repro"], project, pythonpath=work / "pythonpath")
     assert res.returncode == 0, res.stdout + res.stderr
     after = json.loads((project / "gates" / "behaviour.json").read_text())
-    assert after["details"]["decision"]["holds"] != holds and after["status"] == before["status"]
+    assert after["outcome"] != before["outcome"] and after["status"] == before["status"]
+    assert [c["estimate"] for c in after["comparisons"]] == [c["estimate"] for c in before["comparisons"]]
     v = verify(bundle_path, keys.load_public(keypair.public_path))
     assert _within_tolerance(work / "bundle", project, v.info["tolerances"])[0] is None  # figures: all in tolerance
     old_d, new_d = (json.loads((d / "decision.json").read_text()) for d in (work / "bundle", project))
-    assert {k: old_d[k] for k in ("decision_state", "active_path", "claims")} == \
-        {k: new_d[k] for k in ("decision_state", "active_path", "claims")}
+    assert {k: old_d[k] for k in ("decision_state", "active_path")} == {k: new_d[k] for k in ("decision_state",
+                                                                                              "active_path")}
     outcome = compare(v, work / "bundle", project, read_pipeline(work / "bundle"))
     assert outcome.verdict == "not reproduced", outcome.to_json()
-    flip = f"gates/behaviour.json decision holds: {json.dumps(holds)} in the bundle, {json.dumps(not holds)} " \
-           "in the re-run"
-    assert outcome.reason.startswith(f"a verdict flipped: {flip}") and flip in outcome.flips
+    flip = (f"gates/behaviour.json outcome: {before['outcome']!r} in the bundle, {after['outcome']!r} in the re-run")
+    assert flip in outcome.flips and outcome.reason.startswith("a verdict flipped: ")
 
 
 def test_reproduce_reports_a_failed_rerun(reproduced, bundle_path, keypair, tmp_path):

@@ -88,15 +88,14 @@ def test_the_behaviour_comparisons_are_compared_by_kind_and_operator():
 
 
 def _run_dir(root: Path, holds: bool, allowed: list[str]) -> Path:
-    """A run's decision.json and gate records (constructed), the behaviour decision holding or not."""
+    """A run's decision.json and gate records (constructed), the induce comparison holding or failing."""
     from gate_records import TUPLES, behaviour, reconstruction, remediation, stability
     from sasgate.decision import decide
-    from sasgate.gates import validate_gate, write_gate
+    from sasgate.gates import write_gate
 
-    b = behaviour().to_json()
-    b["details"] = {"decision": {"holds": holds, "per_kind": {"induce": {"holds": holds}, "bypass": {"holds": True}}}}
-    records = {r.gate: r for r in map(validate_gate, [b, stability().to_json(), reconstruction(0.163, 0.195).to_json(),
-                                                      remediation("stopped").to_json()])}
+    induce = (-0.05, 0.05) if holds else (-0.3, -0.2)
+    records = {r.gate: r for r in [behaviour(cis=(induce, (-0.05, 0.05))), stability(), reconstruction(0.163, 0.195),
+                                   remediation("stopped")]}
     for rec in records.values():
         write_gate(root / "gates" / f"{rec.gate}.json", rec)
     d = decide(records, TUPLES).to_json()
@@ -114,10 +113,11 @@ def test_verdict_flips_name_each_flipped_verdict(tmp_path):
     new = _run_dir(tmp_path / "new", holds=True, allowed=allowed[:1])
     assert verdict_flips(old, new) == [
         "decision.json allowed claims: the re-run gains none and loses ['behaviour-stable-as-tested']",
-        "gates/behaviour.json decision holds: false in the bundle, true in the re-run",
-        "gates/behaviour.json decision induce holds: false in the bundle, true in the re-run"]
+        "decision.json disallowed claims: the re-run gains ['sas-falls-short-of-dim'] and loses ['sas-matches-dim']",
+        "gates/behaviour.json outcome: 'fails' in the bundle, 'holds' in the re-run",
+        "gates/behaviour.json comparison (induce, addition) outcome: 'fails' in the bundle, 'holds' in the re-run"]
     (new / "gates" / "stability.json").unlink()
-    (new / "gates" / "remediation.json").write_text('{"schema": "sasgate.gate/1", "gate": "remediation"}')
+    (new / "gates" / "remediation.json").write_text('{"schema": "sasgate.gate/2", "gate": "remediation"}')
     flips = verdict_flips(old, new)
     assert "gates/stability.json status: 'pass' in the bundle, 'absent' in the re-run" in flips
     assert any(f.startswith("gates/remediation.json status: 'fail' in the bundle, ") and
