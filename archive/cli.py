@@ -226,15 +226,36 @@ def _finish(report: dict[str, Any], as_json: bool, code: int) -> NoReturn:
     sys.exit(code)
 
 
+def _load_public_optional(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    return None if value is None else _load_public(ctx, param, value)
+
+
 @archive.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="print the contents as JSON")
+@click.option("--html", "html_out", type=click.Path(dir_okay=False),
+              help="write the bundle's report page here instead: rendered from its records by this sasgate, "
+                   "marked UNVERIFIED unless --key verified the bundle")
+@click.option("--key", "public_key", type=click.Path(dir_okay=False), callback=_load_public_optional,
+              help="with --html: verify the bundle with the signer's public key first")
 @fails_cleanly
-def show(file: str, as_json: bool) -> None:
-    """List what FILE holds WITHOUT verifying it (run `verify` before trusting any of it)."""
+def show(file: str, as_json: bool, html_out: str | None, public_key: Any) -> None:
+    """List what FILE holds WITHOUT verifying it (run `verify` before trusting any of it).
+
+    With --html OUT: write the report page of the bundle (decision, gates, claims, plots, the bundle's
+    git commit and environment) as one self-contained HTML file, VERIFIED only when --key verified it.
+    """
     from . import bundle
     from .verify import read_bundle
 
+    if public_key is not None and not html_out:
+        raise click.UsageError("--key goes with --html (to check a bundle, run `sasgate archive verify`)")
+    if html_out:
+        from .show_html import write_html
+
+        ctx = write_html(file, html_out, public_key)
+        click.echo(f"wrote {html_out}: {'VERIFIED' if ctx.verified else 'UNVERIFIED'} ({ctx.verdict})")
+        return
     c = read_bundle(file)
     def load(name: str) -> Any:
         try:
