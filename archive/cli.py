@@ -254,7 +254,8 @@ def show(file: str, as_json: bool, html_out: str | None, public_key: Any) -> Non
         from .show_html import write_html
 
         ctx = write_html(file, html_out, public_key)
-        click.echo(f"wrote {html_out}: {'VERIFIED' if ctx.verified else 'UNVERIFIED'} ({ctx.verdict})")
+        verdict = repr(ctx.verdict)[1:-1]  # bundle text: control and bidi characters escaped for the terminal
+        click.echo(f"wrote {html_out}: {'VERIFIED' if ctx.verified else 'UNVERIFIED'} ({verdict})")
         return
     c = read_bundle(file)
     def load(name: str) -> Any:

@@ -23,6 +23,7 @@ characters shown as escapes), so a hostile bundle cannot add markup or reorder w
 
 from __future__ import annotations
 
+import contextlib
 import html
 import os
 import re
@@ -44,7 +45,10 @@ STAGE = "report"
 OUT = "report.html"
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 _BIDI = re.compile("[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_GATE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 _UNSAFE_SVG = re.compile(r"<\s*(script|foreignobject|iframe|object|embed)\b|\son[a-z]+\s*=|javascript:", re.I)
+GATE_FIELDS_SHOWN = ("comparisons", "outcome")  # gate-record fields shown by name (issue 11), schema or not
+ROW_FIELDS_SHOWN = ("metrics", "criteria")  # per-tuple fields shown by name (issue 15)
 COMPARISON_COLUMNS = ("kind", "operator", "estimate", "ci", "margin", "outcome", "resampling_unit", "n_units",
                       "strength_chosen_on")
 
@@ -61,8 +65,9 @@ def _split(raw: Mapping[str, Any], model: type[BaseModel]) -> tuple[dict[str, An
 @dataclass(frozen=True)
 class GateView:
     record: GateRecord
-    extra: dict[str, Any]  # top-level fields GateRecord does not know (e.g. `comparisons`, `outcome`)
-    row_extra: list[dict[str, Any]]  # per per_tuple row, the fields TupleResult does not know (`metrics`, ...)
+    raw: dict[str, Any]  # the record as written: `comparisons`, `outcome` are read from here, known to GateRecord or not
+    rows: list[dict[str, Any]]  # its per_tuple rows as written (`metrics`, `criteria`)
+    extra: dict[str, Any]  # the other top-level fields GateRecord does not know
 
 
 @dataclass(frozen=True)
@@ -81,13 +86,14 @@ class Records:
     """Everything the page shows, read and checked once."""
 
     decision: Decision
-    decision_extra: dict[str, Any]
+    decision_raw: dict[str, Any]  # decision.json as written (`preregistration` is read from here)
     gates: dict[str, GateView]
     charts: list[Chart]
     lock_digest: str
     lock_stages: dict[str, str]
     digests: dict[str, str] = field(default_factory=dict)  # every file read -> sha256
     preregistration: dict[str, Any] | None = None
+    compute: dict[str, Any] = field(default_factory=dict)  # what the stages recorded they ran with
 
 
 class _Tracked:
@@ -128,14 +134,12 @@ def _gate(name: str, data: bytes, want_sha256: str | None) -> GateView:
     raw = _object(data, origin)
     known, extra = _split(raw, GateRecord)
     rows = known.get("per_tuple")
-    row_extra: list[dict[str, Any]] = []
     if isinstance(rows, list):
-        split = [_split(r, TupleResult) if isinstance(r, dict) else (r, {}) for r in rows]
-        known["per_tuple"], row_extra = [k for k, _ in split], [e for _, e in split]
+        known["per_tuple"] = [_split(r, TupleResult)[0] if isinstance(r, dict) else r for r in rows]
     record = validate_gate(known, origin=origin)
     if record.gate != name:
         raise ArtifactError(f"{origin}: holds the {record.gate!r} gate")
-    return GateView(record, extra, row_extra)
+    return GateView(record, raw, list(rows), {k: v for k, v in extra.items() if k not in GATE_FIELDS_SHOWN})
 
 
 def lock_digest(data: bytes) -> tuple[str, dict[str, str]]:
@@ -171,12 +175,14 @@ def read_records(read: Reader) -> Records:
     """Read, validate and cross-check every record the page is written from (see the module docstring)."""
     src = _Tracked(read)
     raw = _object(src.require("decision.json", "run the pipeline (`dvc repro`) first"), "decision.json")
-    known, decision_extra = _split(raw, Decision)
+    known, _ = _split(raw, Decision)
     decision = validate_decision(known, origin="decision.json")
     if not 1 <= decision.state_row <= len(STATE_TABLE):
         raise ArtifactError(f"decision.json: state_row {decision.state_row} is not a row of the decision table")
     gates = {}
     for name, summary in decision.gates.items():
+        if not _GATE_NAME.match(name):
+            raise ArtifactError(f"decision.json: {name!r} is not a gate name")
         if summary.status == "absent":
             continue
         data = src.require(f"gates/{name}.json", f"decision.json says the {name} gate is {summary.status}")
@@ -193,7 +199,22 @@ def read_records(read: Reader) -> Records:
     digest, per_stage = lock_digest(lock)
     prereg_raw = src("preregistration/lock.json")
     prereg = _object(prereg_raw, "preregistration/lock.json") if prereg_raw is not None else None
-    return Records(decision, decision_extra, gates, charts, digest, per_stage, src.digests, prereg)
+    return Records(decision, raw, gates, charts, digest, per_stage, src.digests, prereg, _compute(src))
+
+
+def _compute(read: Reader) -> dict[str, Any]:
+    """Device and dtype `collect` recorded (metrics/collect.json), the runtime params (params.yaml)."""
+    out: dict[str, Any] = {}
+    raw = read("metrics/collect.json")
+    if raw is not None:
+        with contextlib.suppress(ArtifactError):
+            out["metrics/collect.json compute"] = _object(raw, "metrics/collect.json").get("compute")
+    raw = read("params.yaml")
+    if raw is not None:
+        with contextlib.suppress(PlotError):
+            params = parse_yaml(raw, "params.yaml")
+            out["params.yaml runtime"] = params.get("runtime") if isinstance(params, dict) else None
+    return out
 
 
 # --- writing the page -------------------------------------------------------------------------
@@ -285,40 +306,39 @@ def _per_tuple(view: GateView) -> str:
     rec = view.record
     if not rec.per_tuple:
         return ""
+    rows = [r if isinstance(r, dict) else {} for r in view.rows]
     judged: list[str] = []  # the metrics a row's `criteria` names (strings, or objects with a `metric`)
-    for ex in view.row_extra:
-        crit = ex.get("criteria")
+    for row in rows:
+        crit = row.get("criteria")
         for c in crit if isinstance(crit, list) else []:
             name = c if isinstance(c, str) else c.get("metric") if isinstance(c, dict) else None
             if isinstance(name, str) and name not in judged:
                 judged.append(name)
-    metric_keys = [k for k in judged if any(isinstance(ex.get("metrics"), dict) and k in ex["metrics"]
-                                            for ex in view.row_extra)]
-    for ex in view.row_extra:
-        if isinstance(ex.get("metrics"), dict):
-            metric_keys += [k for k in ex["metrics"] if k not in metric_keys]
-    others = sorted({k for ex in view.row_extra for k in ex if k not in ("metrics", "criteria")})
-    has_criteria = any("criteria" in ex for ex in view.row_extra)
+    metrics = [r["metrics"] if isinstance(r.get("metrics"), dict) else {} for r in rows]
+    metric_keys = [k for k in judged if any(k in m for m in metrics)]
+    for m in metrics:
+        metric_keys += [k for k in m if k not in metric_keys]
+    known = {f.alias or n for n, f in TupleResult.model_fields.items()}
+    others = sorted({k for r in rows for k in r if k not in known and k not in ROW_FIELDS_SHOWN})
+    has_criteria = any("criteria" in r for r in rows)
     head = ["tuple", f"observed ({rec.metric})", "CI", "status"]
     head += [f"{k} (criterion)" if k in judged else k for k in metric_keys]
     head += (["criteria"] if has_criteria else []) + others
-    rows = []
-    for t, ex in zip(rec.per_tuple, view.row_extra or [{}] * len(rec.per_tuple)):
-        metrics = ex.get("metrics") if isinstance(ex.get("metrics"), dict) else {}
-        row = [esc(tuple_label(t.tuple)), _num(t.observed) if t.observed is not None else "—",
-               value(list(t.ci95)) if t.ci95 is not None else "—", _badge(t.status)]
-        row += [(f"<strong>{value(metrics.get(k))}</strong>" if k in judged else value(metrics.get(k)))
-                for k in metric_keys]
-        row += ([value(ex.get("criteria"))] if has_criteria else []) + [value(ex.get(k)) for k in others]
-        rows.append(row)
-    return _table(head, rows, "per-tuple")
+    out = []
+    for t, row, m in zip(rec.per_tuple, rows, metrics):
+        cells = [esc(tuple_label(t.tuple)), _num(t.observed) if t.observed is not None else "—",
+                 value(list(t.ci95)) if t.ci95 is not None else "—", _badge(t.status)]
+        cells += [(f"<strong>{value(m.get(k))}</strong>" if k in judged else value(m.get(k))) for k in metric_keys]
+        cells += ([value(row.get("criteria"))] if has_criteria else []) + [value(row.get(k)) for k in others]
+        out.append(cells)
+    return _table(head, out, "per-tuple")
 
 
 def _comparisons(view: GateView) -> str:
-    comps = view.extra.get("comparisons")
+    comps = view.raw.get("comparisons")
     parts = []
-    if "outcome" in view.extra:
-        parts.append(f"<p>Outcome: {_badge(view.extra['outcome'])}</p>")
+    if "outcome" in view.raw:
+        parts.append(f"<p>Outcome: {_badge(view.raw['outcome'])}</p>")
     if isinstance(comps, list) and comps:
         rows_in = [c if isinstance(c, dict) else {"value": c} for c in comps]
         present = [k for k in COMPARISON_COLUMNS if any(k in c for c in rows_in)]
@@ -328,9 +348,8 @@ def _comparisons(view: GateView) -> str:
                 for c in rows_in]
         parts.append("<h4>Comparisons (effect(SAS) − effect(DIM))</h4>")
         parts.append(_table(present + rest, rows, "comparisons"))
-    others = {k: v for k, v in view.extra.items() if k not in ("comparisons", "outcome")}
-    if others:
-        parts.append(_table(["field", "value"], [[esc(k), value(v)] for k, v in others.items()], "extra"))
+    if view.extra:
+        parts.append(_table(["field", "value"], [[esc(k), value(v)] for k, v in view.extra.items()], "extra"))
     return "\n".join(parts)
 
 
@@ -376,7 +395,7 @@ def _reopen_section(r: Records) -> str:
 
 def _preregistration_section(r: Records) -> str:
     parts = []
-    prereg = r.decision_extra.get("preregistration")
+    prereg = r.decision_raw.get("preregistration")
     if isinstance(prereg, dict):
         if prereg.get("preregistered_after_results") is True:
             parts.append('<p class="alarm">The protocol was preregistered <strong>after</strong> results it governs '
@@ -384,7 +403,8 @@ def _preregistration_section(r: Records) -> str:
         parts.append(_table(["field", "value"], [[esc(k), value(v)] for k, v in prereg.items()], "preregistration"))
     elif prereg is not None:
         parts.append(f"<p>{value(prereg)}</p>")
-    others = {k: v for k, v in r.decision_extra.items() if k != "preregistration"}
+    known = {f.alias or n for n, f in Decision.model_fields.items()}
+    others = {k: v for k, v in r.decision_raw.items() if k not in known and k != "preregistration"}
     if others:
         parts.append("<h3>Other decision fields</h3>")
         parts.append(_table(["field", "value"], [[esc(k), value(v)] for k, v in others.items()], "extra"))
@@ -417,8 +437,9 @@ def _provenance_section(r: Records, bundle: "BundleContext | None") -> str:
     rows = [["dvc.lock", f"sha256 <code>{esc(r.lock_digest)}</code> of the lock entries of "
                          f"{len(r.lock_stages)} stages (every stage but <code>{STAGE}</code>: canonical JSON)"],
             ["charts", esc(", ".join(f"{k} {v}" for k, v in versions.items()))]]
+    rows.append(["computed with", "; ".join(f"{esc(k)}: {value(v)}" for k, v in r.compute.items()) or "not recorded"])
     if bundle is None:
-        rows.append(["git commit, environment",
+        rows.append(["git commit, machine",
                      "not part of this page: it is a DVC output and may depend only on the records; a bundle records "
                      "both (<code>_sasgate/bundle.json</code>, <code>_sasgate/environment.json</code>) and "
                      "<code>sasgate archive show BUNDLE --html OUT</code> renders this page with them"])

@@ -66,6 +66,7 @@ def make_project(root: Path, row: int = 4, records: dict | None = None) -> Path:
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")
     shutil.copytree(REPO / "preregistration", root / "preregistration")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
     for rel, rows in PLOT_ROWS.items():
         atomic_write_json(root / rel, rows)
     lock = {"schema": "2.0", "stages": {s: {"cmd": f"python -m sasgate.stages.{s}", "outs": [{"path": s, "md5": "0"}]}
@@ -184,6 +185,12 @@ def test_the_page_draws_every_declared_plot_and_names_its_provenance(project):
     for rel in ["decision.json", "dvc.yaml", *PLOT_ROWS, *(f"gates/{g}.json" for g in RECORDS[4])]:
         assert listed[rel] == sha256_file(project / rel), rel
     assert "dvc.lock" not in listed  # its file holds the report stage's own earlier entry: only the digest is shown
+    assert "params.yaml runtime: device: cpu; threads: 2; seed: 0" in " ".join(text.split())
+    assert stage_params(DVC_YAML["stages"]["report"]) == ["runtime"]  # so DVC re-renders when it changes
+
+
+def stage_params(stage: dict) -> list[str]:
+    return [p for p in stage.get("params", []) if isinstance(p, str)]
 
 
 def test_same_records_give_the_same_bytes_and_any_change_shows(project, tmp_path):
@@ -305,6 +312,7 @@ def test_a_gate_record_changed_after_the_decision_is_refused(project):
     (lambda d: d.update(schema="sasgate.decision/0"), "not a sasgate.decision/1 decision"),
     (lambda d: d.update(state_row=9), "state_row 9 is not a row of the decision table"),
     (lambda d: d["gates"]["behaviour"].update(status="maybe"), "invalid decision"),
+    (lambda d: d["gates"].update({"../decision": d["gates"]["behaviour"]}), "'../decision' is not a gate name"),
 ])
 def test_an_invalid_decision_is_refused(project, edit, match):
     decision = json.loads((project / "decision.json").read_text())
@@ -446,7 +454,8 @@ def test_the_report_stage_depends_on_everything_it_reads():
     stage = DVC_YAML["stages"]["report"]
     deps = set(stage["deps"])
     plots = declared_plots(DVC_YAML)
-    need = {"decision.json", "preregistration/lock.json", *(f"gates/{g}.json" for g in RECORDS[4])}
+    need = {"decision.json", "preregistration/lock.json", "metrics/collect.json",
+            *(f"gates/{g}.json" for g in RECORDS[4])}
     need |= {s for p in plots for s in p.sources}
     need |= {f".dvc/plots/{p.props['template']}.json" for p in plots
              if (REPO / ".dvc" / "plots" / f"{p.props.get('template')}.json").is_file()}

@@ -74,3 +74,17 @@ def test_dvc_plots_show_draws_every_plot_offline(reproduced_small, tmp_path):
     assert set(re.findall(r"vegaEmbed\('#([^']+)'", source)) == set(ids)  # DVC drew a div for every plot
     counts = count_marks(dom, ids)
     _judge(plots, {p.id: counts[i] for i, p in ids.items()})
+
+
+def test_status_flags_a_hand_edited_report(reproduced_small, tmp_path):
+    root = copy_project(reproduced_small, tmp_path / "p")
+
+    def status():
+        return subprocess.run([sys.executable, "-m", "sasgate.cli", "status"], cwd=root, env=env(),
+                              capture_output=True, text=True)
+
+    assert status().returncode == 0
+    page = root / "report.html"
+    page.write_text(page.read_text().replace("We cannot claim", "We can also claim"))
+    res = status()
+    assert res.returncode == 1 and "report.html" in res.stdout, res.stdout
