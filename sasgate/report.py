@@ -258,11 +258,12 @@ def _badge(status: Any) -> str:
     return f'<span class="badge {kind}">{esc(s)}</span>'
 
 
-def _table(head: Sequence[str], rows: Iterable[Sequence[str]], cls: str = "", mark: int | None = None) -> str:
+def _table(head: Sequence[str] | None, rows: Iterable[Sequence[str]], cls: str = "", mark: int | None = None) -> str:
     """A table; head is plain text (escaped here), cells are already HTML; row `mark` (0-based) highlighted."""
-    out = [f'<table class="{cls}">' if cls else "<table>", "<thead><tr>"]
-    out += [f"<th>{esc(h)}</th>" for h in head]
-    out.append("</tr></thead><tbody>")
+    out = [f'<table class="{cls}">' if cls else "<table>"]
+    if head is not None:
+        out += ["<thead><tr>", *(f"<th>{esc(h)}</th>" for h in head), "</tr></thead>"]
+    out.append("<tbody>")
     for i, row in enumerate(rows):
         out.append(('<tr class="here">' if i == mark else "<tr>") + "".join(f"<td>{c}</td>" for c in row) + "</tr>")
     out.append("</tbody></table>")
@@ -421,9 +422,9 @@ def _plots_section(r: Records) -> str:
     parts = ['<section id="plots">', "<h2>Plots</h2>",
              f"<p>Every plot dvc.yaml declares ({len(r.charts)}), filled as <code>dvc plots show</code> fills it and "
              "drawn to SVG.</p>"]
-    for c in r.charts:
-        caption = (f"<figcaption><strong>{esc(c.title)}</strong><br><small>{esc(', '.join(c.sources))} · template "
-                   f"{esc(c.template)}</small></figcaption>")
+    for c in r.charts:  # a drawn chart carries its own title
+        title = f"<strong>{esc(c.title)}</strong><br>" if c.error else ""
+        caption = f"<figcaption>{title}<small>{esc(', '.join(c.sources))} · template {esc(c.template)}</small></figcaption>"
         body = c.svg if c.svg is not None and c.marks else ""
         note = f'<p class="alarm">Not drawn: {esc(c.error)}</p>' if c.error else ""
         parts.append(f'<figure class="chart{" failed" if c.error else ""}" id="{c.id}" data-plot="{esc(c.sources[0])}">'
@@ -449,7 +450,7 @@ def _provenance_section(r: Records, bundle: "BundleContext | None") -> str:
                                                      for n, s in r.lock_stages.items()], "stages")
     files = _table(["file", "sha256"], [[esc(n), f"<code>{esc(s)}</code>"] for n, s in sorted(r.digests.items())],
                    "files")
-    return "\n".join(['<section id="provenance">', "<h2>Provenance</h2>", _table(["", ""], rows, "provenance"),
+    return "\n".join(['<section id="provenance">', "<h2>Provenance</h2>", _table(None, rows, "provenance"),
                       "<h3>Records this page was written from</h3>", files, "<h3>dvc.lock entries</h3>", stages,
                       "</section>"])
 
