@@ -24,8 +24,8 @@ Exit codes:
   6  unreadable data source
   7  a released scorer version's code changed (add a new version instead)
   8  remediation without a preregistration, or the stop rules changed after it
-  11 sasgate report: a gate record is not the one decision.json was made from
   10 sasgate watch: the reopen condition is newly met (see sasgate watch --help)
+  11 sasgate report: a gate record is not the one decision.json was made from
   75 sasgate watch: the Hub could not be read; nothing was claimed or written
 """
 

@@ -46,7 +46,7 @@ OUT = "report.html"
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 _BIDI = re.compile("[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _GATE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
-_UNSAFE_SVG = re.compile(r"<\s*(script|foreignobject|iframe|object|embed)\b|\son[a-z]+\s*=|javascript:", re.I)
+_UNSAFE_SVG = re.compile(r"<\s*(script|foreignobject|iframe|object|embed)\b|<[^>]*(\son[a-z]+\s*=|javascript:)", re.I)
 GATE_FIELDS_SHOWN = ("comparisons", "outcome")  # gate-record fields shown by name (issue 11), schema or not
 ROW_FIELDS_SHOWN = ("metrics", "criteria")  # per-tuple fields shown by name (issue 15)
 COMPARISON_COLUMNS = ("kind", "operator", "estimate", "ci", "margin", "outcome", "resampling_unit", "n_units",

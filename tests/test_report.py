@@ -18,7 +18,7 @@ import yaml
 from click.testing import CliRunner
 
 from gate_records import TUPLES, behaviour, gate, reconstruction, remediation, stability
-from sasgate.artifacts import atomic_write_json, canonical_json, sha256_bytes, sha256_file
+from sasgate.artifacts import atomic_write_json, canonical_json, sha256_file
 from sasgate.cli import main
 from sasgate.decision import STATE_TABLE, decide, write_decision
 from sasgate.errors import ArtifactError, RecordConsistencyError
@@ -479,3 +479,13 @@ def test_every_plot_names_readable_axis_labels():
 
 def test_the_offline_plots_template_is_configured():
     assert "html_template = plots/offline.html" in (REPO / ".dvc" / "config").read_text()
+
+
+def test_an_svg_with_active_content_is_not_shown(project, monkeypatch):
+    """Defence in depth behind vega's own escaping and the page's CSP."""
+    evil = '<svg><g class="mark-rect role-mark"><path d="M0,0h1v1z" onload="alert(1)"/></g></svg>'
+    monkeypatch.setattr("sasgate.report.draw_svg", lambda spec, origin: evil)
+    records = write_report(project)
+    assert all(c.error and "holds active content" in c.error for c in records.charts if c.svg is None)
+    assert not any(c.svg is not None for c in records.charts)
+    assert "onload" not in (project / "report.html").read_text()
