@@ -125,7 +125,7 @@ def test_a_tampered_bundle_is_rendered_from_its_records_with_every_string_escape
         assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 2 and "\\u202eDEIFIREV" in page
         assert '<div class="banner unverified"' in page and 'class="banner verified"' not in page
         assert "its report.html: differs from the rendering of its records here" in page
-    assert "NOT VERIFIED: decision.json: sha256" in page
+    assert "NOT VERIFIED: _sasgate/bundle.json: sha256" in page and "differs from the signed" in page
 
 
 @pytest.mark.parametrize("change, code, message", [
