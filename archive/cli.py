@@ -260,15 +260,26 @@ def _finish(report: dict[str, Any], as_json: bool, code: int) -> NoReturn:
     sys.exit(code)
 
 
+def _load_public_optional(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    return None if value is None else _load_public(ctx, param, value)
+
+
 @archive.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="print the contents as JSON")
+@click.option("--html", "html_out", type=click.Path(dir_okay=False),
+              help="write the bundle's report page here instead: rendered from its records by this sasgate, "
+                   "marked UNVERIFIED unless --key verified the bundle")
+@click.option("--key", "public_key", type=click.Path(dir_okay=False), callback=_load_public_optional,
+              help="with --html: verify the bundle with the signer's public key first")
 @fails_cleanly
-def show(file: str, as_json: bool) -> None:
+def show(file: str, as_json: bool, html_out: str | None, public_key: Any) -> None:
     """List what FILE holds WITHOUT verifying it (run `verify` before trusting any of it).
 
     Read under verify's limits; a malformed record (decision.json, bundle.json, the envelope)
     exits 1 naming the file and field. Every string from the bundle is escaped for the terminal.
+    With --html OUT: write the report page of the bundle (decision, gates, claims, plots, the bundle's
+    git commit and environment) as one self-contained HTML file, VERIFIED only when --key verified it.
     """
     from pydantic import ValidationError
 
@@ -277,6 +288,15 @@ def show(file: str, as_json: bool) -> None:
     from . import bundle, dsse
     from .verify import read_bundle
 
+    if public_key is not None and not html_out:
+        raise click.UsageError("--key goes with --html (to check a bundle, run `sasgate archive verify`)")
+    if html_out:
+        from .show_html import write_html
+
+        ctx = write_html(file, html_out, public_key)
+        verdict = safe(ctx.verdict)  # bundle text: escaped for the terminal
+        click.echo(f"wrote {html_out}: {'VERIFIED' if ctx.verified else 'UNVERIFIED'} ({verdict})")
+        return
     c = read_bundle(file)
     try:
         decision = validate_decision(c.json("decision.json"), "decision.json") if "decision.json" in c.digests \

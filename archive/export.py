@@ -4,7 +4,7 @@ What goes in (all at their project-relative paths): every git-tracked file (the 
 needed to re-run: sasgate/, stages/, dvc.yaml, params.yaml, presets in configs/, data/
 with the locked eval set and its lock, the preregistration), untracked files that
 dvc.lock lists as deps, dvc.lock, every `cache: false` DVC out (gate records, sha256
-manifests, metrics, plots, decision.json, CLAIMS.md), the records among the DVC-cached
+manifests, metrics, plots, decision.json, CLAIMS.md, report.html), the records among the DVC-cached
 outs (the resolved eval set, generations, scores), and with --include-large the large
 ones too (tensors: model and SAE weights, activations, vectors; or any file over 64 MiB);
 without it those are listed by sha256 and DVC md5 with the `dvc pull` that fetches them.
@@ -40,7 +40,7 @@ from sasgate.preregistration import check_timestamp
 from . import bundle, crate, dsse, dvcmeta, environment, keys
 from .safe_extract import Limits, check_name
 
-REQUIRED = ("params.yaml", "dvc.yaml", "dvc.lock", "decision.json", "CLAIMS.md")
+REQUIRED = ("params.yaml", "dvc.yaml", "dvc.lock", "decision.json", "CLAIMS.md", "report.html")
 TENSOR_SUFFIXES = (".safetensors", ".npz", ".npy", ".pt", ".pth", ".bin", ".ckpt", ".gguf")
 LARGE_BYTES = 64 << 20
 ALWAYS_DIRS = ("preregistration",)  # bundled whole even if not committed yet

@@ -26,7 +26,8 @@ Exit codes:
   8  remediation without a preregistration, or the stop rules changed after it
   9  nothing to steer with (no DIM candidate can be scored, no SAE latent separates the classes)
   10 sasgate watch: the reopen condition is met and not yet reported (see sasgate watch --help)
-  11 a gate record contradicts its own rows or another record (decide refuses)
+  11 a gate record contradicts its own rows or another record (decide refuses; sasgate
+     report: a gate record is not the one decision.json was made from)
   12 a preregistration timestamp that does not verify (another digest, an untrusted
      TSA certificate, a malformed token), or the TSA could not be reached
   75 sasgate watch: the Hub could not be read; nothing was claimed or written
@@ -295,6 +296,51 @@ def plan(params_file: str, tokens_per_prompt: int | None, as_json: bool) -> None
 
     report = make_plan(load_params(params_file), tokens_per_prompt)
     click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else format_plan(report))
+
+
+# --- report (issue 17) -----------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="the page to write [default: ROOT/report.html, the one the `report` stage writes]")
+@click.option("--root", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="project root (holds dvc.yaml)")
+@click.option("--check", is_flag=True,
+              help="write nothing; exit 1 when OUT is not the page the records render to now (DVC cannot track "
+                   "dvc.yaml: after editing a plot declaration, run `dvc repro -f report`)")
+@fails_cleanly
+def report(out: str | None, root: str, check: bool) -> None:
+    """Write the report: one self-contained HTML page (no script, loads nothing, opens offline) of the
+    decision and its table row, every gate, the claims, the reopen conditions, every plot dvc.yaml
+    declares (SVG) and the provenance, from the records alone; byte-identical for the same records.
+
+    \b
+    Exit codes: 5 a record is missing or corrupt (run `dvc repro`), 11 a gate record is not the
+    one decision.json was made from (re-run `decide`), 1 with --check: OUT is stale. A plot that
+    cannot be drawn is shown as failed on the page and named on stderr.
+    """
+    from pathlib import Path
+
+    from .artifacts import atomic_write_text
+    from .report import build
+
+    records, text = build(root)
+    out = out or str(Path(root) / "report.html")
+    if check:
+        page = Path(out)
+        if not page.is_file() or page.read_bytes() != text.encode("utf-8"):
+            click.echo(f"{out} is {'missing' if not page.is_file() else 'stale'}: it is not the page the records "
+                       "render to now; run `dvc repro -f report` (or `sasgate report`)", err=True)
+            sys.exit(1)
+        click.echo(f"{out} is current")
+        return
+    atomic_write_text(out, text)
+    failed = [c.error for c in records.charts if c.error]
+    for err in failed:
+        click.echo(f"warning: {err}", err=True)
+    click.echo(f"wrote {out}: decision {records.decision.decision_state}, {len(records.gates)} gate records, "
+               f"{len(records.charts) - len(failed)}/{len(records.charts)} plots drawn")
 
 
 # --- archive (issue 6) -----------------------------------------------------------------------

@@ -114,6 +114,11 @@ class Paths:
         return self.root / "CLAIMS.md"
 
     @property
+    def report(self) -> Path:
+        """report.html (issue 17): the self-contained page of every record and plot, a DVC out at the root."""
+        return self.root / "report.html"
+
+    @property
     def run_log(self) -> Path:
         """Timings and hosts go here, never into a DVC output (DESIGN rule 1)."""
         return self.root / "logs" / "runs.jsonl"

@@ -222,6 +222,8 @@ def plan(params: Params, tokens_per_prompt: int | None = None) -> dict[str, Any]
                   + ("may query the Hub" if params.remediation.hub_access else "offline") + ")",
                   1 << 14, big_sae + act_bytes["eval"] * 3),
         StagePlan("decide", ["gate records"], "decision state machine, CLAIMS.md", 1 << 14, 0),
+        StagePlan("report", ["decision.json", "gate records", "plots"], "report.html: every record and plot (SVG)",
+                  1 << 20, 1 << 28),
     ]
     device = params.runtime.device
     if device != "cpu":

@@ -364,7 +364,7 @@ def test_failing_reconstruction_leads_through_k2_to_the_limitation_lock(reproduc
 def test_passing_reconstruction_authorizes_mechanism_claims(reproduced_small, tmp_path):
     root, res = variant(reproduced_small, tmp_path / "p", PASSING)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert stages_run(res.stdout) == ["params", "reconstruction", "remediation", "decide"]  # params: the check
+    assert stages_run(res.stdout) == ["params", "reconstruction", "remediation", "decide", "report"]  # params: the check
     assert decision_of(root) == ("mechanism_claims_authorized", True, "advance")
     rem = json.loads((root / "gates" / "remediation.json").read_text())
     assert rem["status"] == "not_needed" and rem["details"] is None
