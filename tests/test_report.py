@@ -30,15 +30,16 @@ REPO = Path(__file__).resolve().parents[1]
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
 
 PLOT_ROWS = {
-    "plots/steering_induce.json": [{"method": m, "coefficient": c, "rate": r, "lo": max(0.0, r - 0.05),
-                                    "hi": min(1.0, r + 0.05)}
-                                   for m, rs in (("DIM", (0.0, 0.79, 0.97)), ("SAS", (0.0, 0.01, 0.02)))
+    "plots/steering_induce.json": [{"method": m, "strength": c, "rate": r, "lo": max(0.0, r - 0.05),
+                                    "hi": min(1.0, r + 0.05), "chosen_on_selection": int(c == 0.5)}
+                                   for m, rs in (("DIM addition", (0.0, 0.79, 0.97)), ("SAS addition", (0.0, 0.01, 0.02)))
                                    for c, r in zip((0.0, 0.5, 1.0), rs)],
-    "plots/steering_bypass.json": [{"method": m, "coefficient": c, "rate": r, "lo": max(0.0, r - 0.05),
-                                    "hi": min(1.0, r + 0.05)}
-                                   for m, rs in (("DIM", (0.998, 0.5, 0.196)), ("SAS", (0.998, 0.7, 0.46)))
+    "plots/steering_bypass.json": [{"method": m, "strength": c, "rate": r, "lo": max(0.0, r - 0.05),
+                                    "hi": min(1.0, r + 0.05), "chosen_on_selection": int(c == 1.0)}
+                                   for m, rs in (("DIM directional ablation", (0.998, 0.5, 0.196)),
+                                                 ("SAS directional ablation", (0.998, 0.7, 0.46)))
                                    for c, r in zip((0.0, 0.5, 1.0), rs)],
-    "plots/side_effects.json": [{"setting": f"{i} {c}", "kl": k, "kl_prompts": "harmless", "perplexity_ratio": 1.5}
+    "plots/side_effects.json": [{"setting": f"{i} {c}", "side_effect": k, "text": "harmless", "chosen_on_selection": 0}
                                 for i, c, k in (("dim_ablate", 0.5, 0.02), ("dim_add", 1.0, 0.4), ("sas_add", 1.0, 0.1))],
     "plots/scorer_agreement.json": [{"version": "v1", "agreement": 0.492}, {"version": "v2", "agreement": 0.994}],
     "plots/stability.json": [{"cell": f"seed {s} / paraphrase set {p}", "sas_minus_dim": -0.7 - 0.01 * s,
@@ -185,7 +186,8 @@ def test_the_page_draws_every_declared_plot_and_names_its_provenance(project):
     for rel in ["decision.json", "dvc.yaml", *PLOT_ROWS, *(f"gates/{g}.json" for g in RECORDS[4])]:
         assert listed[rel] == sha256_file(project / rel), rel
     assert "dvc.lock" not in listed  # its file holds the report stage's own earlier entry: only the digest is shown
-    assert "params.yaml runtime: device: cpu; threads: 2; seed: 0" in " ".join(text.split())
+    runtime = yaml.safe_load((REPO / "params.yaml").read_text())["runtime"]
+    assert "params.yaml runtime: " + "; ".join(f"{k}: {v}" for k, v in runtime.items()) in " ".join(text.split())
     assert stage_params(DVC_YAML["stages"]["report"]) == ["runtime"]  # so DVC re-renders when it changes
 
 
@@ -234,19 +236,10 @@ def _rewrite(root: Path, name: str, raw: dict) -> None:
     (root / "decision.json").write_text(canonical_json(decision))
 
 
-COMPARISONS = [
-    {"kind": "induce", "operator": "direction_addition", "estimate": -0.77, "ci": [-0.8, -0.73], "margin": 0.1,
-     "outcome": "fails", "resampling_unit": "source_prompt", "n_units": 64, "strength_chosen_on": "selection",
-     "strengths": {"dim": {"coefficient": 0.5, "kl": 0.04}, "sas": {"coefficient": 2.0, "kl": 0.05}}},
-    {"kind": "bypass", "operator": "directional_ablation", "estimate": -0.05, "ci": [-0.15, 0.04], "margin": 0.1,
-     "outcome": "inconclusive", "resampling_unit": "source_prompt", "n_units": 64, "strength_chosen_on": "selection",
-     "strengths": {"dim": {"coefficient": 1.0, "kl": 0.02}, "sas": {"coefficient": 1.0, "kl": 0.03}}},
-]
-
-
 def test_comparisons_metrics_criteria_and_preregistration_are_rendered_when_present(project):
-    beh = behaviour().to_json() | {"comparisons": COMPARISONS, "outcome": "fails"}
-    _rewrite(project, "behaviour", beh)
+    recs = dict(RECORDS[4], behaviour=behaviour(cis=((-0.8, -0.73), (-0.15, 0.04))))
+    write_gate(project / "gates" / "behaviour.json", recs["behaviour"])
+    write_decision(project / "decision.json", decide(recs, TUPLES))
     rec = reconstruction(0.163, 0.195).to_json()
     for i, row in enumerate(rec["per_tuple"]):
         row["metrics"] = {"nmse": row["observed"], "ce_loss_score": 0.91 + i / 100, "kl_div_score": 0.97,
@@ -254,7 +247,9 @@ def test_comparisons_metrics_criteria_and_preregistration_are_rendered_when_pres
         row["criteria"] = ["nmse", "kl_div_score"]
     _rewrite(project, "reconstruction", rec)
     decision = json.loads((project / "decision.json").read_text())
-    decision["preregistration"] = {"preregistered_after_results": True, "lock_sha256": "ab" * 32}
+    decision["preregistration"] = {"preregistered_after_results": True, "lock_sha256": "ab" * 32,
+                                   "preceding_records": [{"gate": "reconstruction", "sha256": "cd" * 32,
+                                                          "status": "fail", "in_dvc_lock": False}]}
     (project / "decision.json").write_text(canonical_json(decision))
 
     write_report(project)
@@ -262,9 +257,9 @@ def test_comparisons_metrics_criteria_and_preregistration_are_rendered_when_pres
     page = parse(text)
     comps, _ = page.table("comparisons")
     assert comps[0][:9] == ["kind", "operator", "estimate", "ci", "margin", "outcome", "resampling_unit", "n_units",
-                            "strength_chosen_on"] and comps[0][9] == "strengths"
-    assert comps[1][:6] == ["induce", "direction_addition", "-0.77", "[-0.8, -0.73]", "0.1", "fails"]
-    assert comps[2][5] == "inconclusive" and "sas: coefficient: 1; kl: 0.03" in comps[2][9]
+                            "strength_chosen_on"] and comps[0][9] == "arms"  # then the other keys, as written (sorted)
+    assert comps[1][:6] == ["induce", "addition", "-0.765", "[-0.8, -0.73]", "0.1", "fails"]
+    assert comps[2][5] == "inconclusive" and "sas_ablate" in comps[2][9]
     assert "Outcome: fails" in " ".join(" ".join(page.texts).split())
     recon = [rows for sec, cls, rows, _ in page.tables if "per-tuple" in cls.split() and rows[0][1] == "observed (nmse)"]
     head, first = recon[0][0], recon[0][1]
@@ -277,7 +272,8 @@ def test_comparisons_metrics_criteria_and_preregistration_are_rendered_when_pres
 
 def test_a_preregistration_made_before_results_raises_no_alarm(project):
     decision = json.loads((project / "decision.json").read_text())
-    decision["preregistration"] = {"preregistered_after_results": False}
+    decision["preregistration"] = {"preregistered_after_results": False, "lock_sha256": "ab" * 32,
+                                   "preceding_records": []}
     (project / "decision.json").write_text(canonical_json(decision))
     write_report(project)
     text = (project / "report.html").read_text()
@@ -376,8 +372,7 @@ HOSTILE = '<script>alert(1)</script>"><img src=x onerror=alert(2)> \u202eDEIFIRE
 
 
 def test_every_record_string_is_escaped(project):
-    recs = dict(RECORDS[4], behaviour=gate("behaviour", "pass", metric=HOSTILE, threshold=0.95, comparison=">="))
-    recs["behaviour"] = recs["behaviour"].model_copy(update={"reason": HOSTILE})
+    recs = dict(RECORDS[4], behaviour=behaviour().model_copy(update={"reason": HOSTILE, "metric": HOSTILE}))
     write_gate(project / "gates" / "behaviour.json", recs["behaviour"])
     decision = decide(recs, TUPLES).to_json()
     decision["claims"]["allowed"][0]["text"] = HOSTILE
@@ -444,7 +439,8 @@ def test_cli_help_names_the_page_and_its_exit_codes():
     for words in ("self-contained HTML page", "--out", "--check", "5 a record is missing", "11 a gate record",
                   "1 with --check"):
         assert words in res.output
-    assert "11 sasgate report" in CliRunner().invoke(main, ["--help"]).output
+    assert "report: a gate record is not the one decision.json was made from" in " ".join(
+        CliRunner().invoke(main, ["--help"]).output.split())
 
 
 # --- the pipeline's declarations --------------------------------------------------------------------
