@@ -25,6 +25,7 @@ Exit codes:
   7  a released scorer version's code changed (add a new version instead)
   8  remediation without a preregistration, or the stop rules changed after it
   10 sasgate watch: the reopen condition is newly met (see sasgate watch --help)
+  14 sasgate sweep: not submitted or not collected (remotes, dirty tree, baseline), or a point failed
   75 sasgate watch: the Hub could not be read; nothing was claimed or written
 """
 
@@ -282,6 +283,11 @@ main.add_command(_archive)
 from .watch.cli import watch as _watch  # noqa: E402
 
 main.add_command(_watch)
+
+# --- sweep (issue 18) -------------------------------------------------------------------------
+from .sweep.cli import sweep as _sweep  # noqa: E402
+
+main.add_command(_sweep)
 
 
 if __name__ == "__main__":
