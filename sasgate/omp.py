@@ -18,12 +18,15 @@ import os
 import sys
 from typing import Literal
 
+from .errors import ParamsError
+
 WaitPolicy = Literal["passive", "unset"]
 DEFAULT: WaitPolicy = "passive"
 # What each policy puts in the environment; "unset" leaves OpenMP's own default (spin, then sleep).
 ENV: dict[str, dict[str, str]] = {"passive": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}, "unset": {}}
 VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 MARKER = "SASGATE_OMP_WAIT_POLICY"  # the policy this process (and its children) was started with
+REEXEC = "SASGATE_OMP_REEXEC"  # set across ensure()'s re-execution, so it can never loop
 
 
 def apply(policy: WaitPolicy, env: dict[str, str] | None = None) -> dict[str, str]:
@@ -47,20 +50,23 @@ def started_with() -> str | None:
     return os.environ.get(MARKER)
 
 
-def ensure(policy: WaitPolicy, module: str) -> None:
-    """Re-run `python -m module` with the same arguments under `policy` when this process started
-    with another one (too late to change: libgomp has read its environment)."""
+def ensure(policy: WaitPolicy) -> None:
+    """When this process started torch with another policy than `policy` (too late to change: libgomp
+    has read its environment), run the same `python -m sasgate.stages.<name>` again under `policy`."""
+    retried = os.environ.pop(REEXEC, None)
     if started_with() == policy:
         return
-    if os.environ.get(MARKER + "_REEXEC") == policy:  # the re-run did not take: never loop
-        raise RuntimeError(f"OpenMP wait policy {policy!r} could not be applied (torch loaded before sasgate)")
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if retried or spec is None or not spec.name.startswith("sasgate.stages."):
+        raise ParamsError(f"runtime.omp_wait_policy {policy!r} cannot be applied in this process (torch loaded "
+                          f"with {started_with()!r}); run the stage as `python -m sasgate.stages.<name>`")
     env = apply(policy, dict(os.environ))
-    env[MARKER + "_REEXEC"] = policy
+    env[REEXEC] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, "-m", spec.name, *sys.argv[1:]], env)
 
 
-def record() -> dict[str, str | None]:
+def record() -> dict:
     """What the run log keeps: the policy and the variables libgomp read."""
-    return {"omp_wait_policy": started_with(), **{v.lower(): os.environ.get(v) for v in VARS}}
+    return {"omp_wait_policy": started_with(), "omp_env": {v: os.environ.get(v) for v in VARS}}

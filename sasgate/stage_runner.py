@@ -30,7 +30,7 @@ def run_stage(name: str, fn: StageFn, params_file: str = "params.yaml", root: st
     from .device import compute_record, with_device
 
     params = with_device(load_params(paths.root / params_file), device)
-    omp.ensure(params.runtime.omp_wait_policy, f"sasgate.stages.{name}")
+    omp.ensure(params.runtime.omp_wait_policy)
 
     make_deterministic(params.runtime.seed, params.runtime.threads, params.runtime.device)
     start = time.perf_counter()

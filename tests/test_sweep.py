@@ -238,3 +238,40 @@ def test_collect_refuses_an_experiment_that_is_not_what_its_job_pushed(project):
     sh(["git", "push", "-q", "-f", "origin", f"HEAD:{ref}"], root)
     res = cli("collect")
     assert res.exit_code == 14 and "its job pushed" in res.output
+
+
+# --- settings: params.yaml's sweep section, flags over it, and what sbatch gets --------------------------
+
+
+def test_flags_override_the_sweep_section_and_reach_sbatch(tmp_path):
+    from projects import REPO
+
+    from sasgate.sweep.cli import _settings
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["sweep"]["slurm"].update(partition="cpu", mem_gb=4.0, setup=["source /opt/venv/bin/activate"])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    s = _settings(str(tmp_path / "params.yaml"), executor="slurm", partition="gpu", time_min=30, gpus_per_node=1,
+                  array_parallelism=3, git_remote=None, dvc_remote=None)
+    assert (s.executor, s.slurm.partition, s.time_min, s.gpus_per_node, s.slurm.array_parallelism) == \
+        ("slurm", "gpu", 30, 1, 3)
+    assert s.slurm.mem_gb == 4.0 and s.git_remote == "origin", "what no flag names stays as params say"
+    got = executors.executor(s, tmp_path / "jobs", "sweep-x").parameters
+    assert {k: got[k] for k in ("partition", "time", "gpus_per_node", "array_parallelism", "mem", "job_name")} == \
+        {"partition": "gpu", "time": 30, "gpus_per_node": 1, "array_parallelism": 3, "mem": "4096M",
+         "job_name": "sweep-x"}
+    assert got["setup"] == ["source /opt/venv/bin/activate"]
+    raw["sweep"]["slurm"]["partitoin"] = "typo"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    res = CliRunner().invoke(main, ["sweep", "submit", "-S", "features.top_k=2", "--params",
+                                    str(tmp_path / "params.yaml")])
+    assert res.exit_code == 2 and "sweep.slurm.partitoin" in res.output
+
+
+def test_help_names_the_commands_and_exit_code_14():
+    top = CliRunner().invoke(main, ["--help"]).output
+    assert "14 sasgate sweep" in top
+    for cmd in ("submit", "status", "collect", "resubmit"):
+        out = CliRunner().invoke(main, ["sweep", cmd, "--help"]).output
+        assert "14" in out and "Exit codes" in out, cmd
+    assert "-S, --set-param KEY=V1,V2" in CliRunner().invoke(main, ["sweep", "submit", "--help"]).output

@@ -99,8 +99,9 @@ def submit(root: Path, settings: SweepParams, overrides: list[str]) -> SweepReco
     if dirty:
         raise SweepError("the working tree has uncommitted changes (jobs clone the commit, not the workspace):\n  "
                          + "\n  ".join(dirty.splitlines()[:10]))
-    folder = root / settings.folder
-    if subprocess.run(["git", "check-ignore", "-q", f"{settings.folder}/"], cwd=root).returncode != 0:
+    folder = (root / settings.folder).resolve()
+    if folder.is_relative_to(root) and subprocess.run(
+            ["git", "check-ignore", "-q", f"{folder.relative_to(root).as_posix()}/"], cwd=root).returncode != 0:
         raise SweepError(f"{settings.folder}/ is not git-ignored: add it to .gitignore (it holds job logs)")
     git = git_remote(root, settings.git_remote, commit)
     store = dvc_remote(root, settings.dvc_remote)
