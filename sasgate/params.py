@@ -301,9 +301,9 @@ class RemediationParams(Strict):
 
 class RuntimeParams(Strict):
     device: Literal["cpu", "cuda", "mps"] = "cpu"
-    # torch's intra-op threads: fixed, since a reduction may split differently with another count. 1 keeps a
-    # stage fast while other processes hold the cores (README, "Performance and scale"; benchmarks/bench_load.py).
-    threads: PosInt = 1
+    # torch's intra-op threads: fixed, since a reduction may split differently with another count. With the
+    # passive wait policy 2 threads stay fast while other processes hold the cores (benchmarks/bench_load.py).
+    threads: PosInt = 2
     omp_wait_policy: WaitPolicy = OMP_DEFAULT  # passive: idle OpenMP threads sleep instead of spinning (sasgate/omp.py)
     seed: NonNegInt = 0
 

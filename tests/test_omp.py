@@ -51,7 +51,7 @@ def test_a_stage_starts_torch_with_the_policy_params_ask_for(tmp_path):
     logged = _stage(tmp_path, None)
     assert logged["omp_wait_policy"] == "passive"
     assert logged["omp_env"] == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}
-    assert logged["threads"] == 1
+    assert logged["threads"] == yaml.safe_load((REPO / "params.yaml").read_text())["runtime"]["threads"]
 
     # params say unset while the shell exported a passive policy: the stage re-runs itself without it
     logged = _stage(tmp_path, "unset", OMP_WAIT_POLICY="PASSIVE", GOMP_SPINCOUNT="0")

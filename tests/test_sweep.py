@@ -150,6 +150,7 @@ def test_point_states_come_from_what_outlives_the_submitter(tmp_path):
 # --- submit refuses what would not compute the commit the user sees -----------------------------------
 
 
+@pytest.mark.slow  # a DVC project with remotes (seconds on a quiet machine), jobs through submitit
 def test_submit_refuses_a_dirty_tree_an_unpushed_commit_and_missing_remotes(project):
     root, git_remote, store = project
     (root / "step.py").write_text((root / "step.py").read_text() + "# edited\n")
@@ -172,6 +173,7 @@ def test_submit_refuses_a_dirty_tree_an_unpushed_commit_and_missing_remotes(proj
     assert not (root / "sweeps").exists(), "nothing submitted, nothing written"
 
 
+@pytest.mark.slow  # a DVC project with remotes (seconds on a quiet machine), jobs through submitit
 def test_submit_refuses_a_baseline_that_is_not_reproduced(project):
     root, _, _ = project
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -186,6 +188,7 @@ def test_submit_refuses_a_baseline_that_is_not_reproduced(project):
 # --- end to end through the local executor --------------------------------------------------------------
 
 
+@pytest.mark.slow  # a DVC project with remotes (seconds on a quiet machine), jobs through submitit
 def test_two_point_sweep_comes_back_with_the_hashes_its_jobs_computed(project, monkeypatch):
     root, _, _ = project
     monkeypatch.setenv("SWEEP_TEST_BREAK", "top_k=6")  # point 1's stage fails on its node
@@ -228,6 +231,7 @@ def test_two_point_sweep_comes_back_with_the_hashes_its_jobs_computed(project, m
     assert cli("resubmit").output.strip().endswith("no failed point to resubmit")
 
 
+@pytest.mark.slow  # a DVC project with remotes (seconds on a quiet machine), jobs through submitit
 def test_collect_refuses_an_experiment_that_is_not_what_its_job_pushed(project):
     root, git_remote, _ = project
     submit("-S", "features.top_k=3")
