@@ -14,7 +14,7 @@ The rule (issue 18): a configuration qualifies when loaded/quiet <= 2.5 and its 
 1.3x of the best quiet time. The result line is the params.yaml default's ratio; ok when the default
 qualifies on every workload.
 
-    python -m benchmarks.bench_load [--repeats 3] [--train-steps 10] [--batches 4]
+    python -m benchmarks.bench_load [--repeats 3] [--train-steps 4] [--batches 2]
 """
 
 from __future__ import annotations
@@ -171,8 +171,8 @@ def loaded_vs_quiet(toy_dir: Path, args: argparse.Namespace) -> list[Result]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_load", description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3, help="trials per (workload, configuration, condition)")
-    ap.add_argument("--train-steps", type=int, default=10, help="training steps of the model workload")
-    ap.add_argument("--batches", type=int, default=4, help="timed generation batches of the steer workload")
+    ap.add_argument("--train-steps", type=int, default=4, help="training steps of the model workload")
+    ap.add_argument("--batches", type=int, default=2, help="timed generation batches of the steer workload")
     ap.add_argument("--workdir", type=Path, help="keep the toy model here")
     ap.add_argument("--worker", choices=("model", "steer"), help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
