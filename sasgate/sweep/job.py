@@ -51,18 +51,28 @@ def tool_env() -> dict[str, str]:
 
 
 def run(args: list[str], cwd: Path, echo: bool = True) -> str:
-    """Run one command; its output goes to the log (echo) and its stdout comes back; a failure is a
-    SweepError naming the command with the end of its output."""
+    """Run one command; a failure is a SweepError naming the command with the end of its output.
+
+    echo: its output (stderr merged) streams to the log as it comes, and comes back; otherwise
+    its stdout alone comes back, for parsing.
+    """
     if echo:
         print(f"$ {' '.join(args)}", flush=True)
-    res = subprocess.run(args, cwd=cwd, env=tool_env(), capture_output=True, text=True)
-    out = res.stdout + res.stderr
-    if echo and out:
-        print(out, end="" if out.endswith("\n") else "\n", flush=True)
-    if res.returncode != 0:
-        tail = "\n".join(out.strip().splitlines()[-TAIL_LINES:])
-        raise SweepError(f"`{' '.join(args)}` failed (exit {res.returncode}) in {cwd}:\n{tail}")
-    return res.stdout
+        with subprocess.Popen(args, cwd=cwd, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) as proc:
+            lines = []
+            for line in proc.stdout:  # type: ignore[union-attr]
+                print(line, end="", flush=True)
+                lines.append(line)
+        code = proc.returncode
+        out = shown = "".join(lines)
+    else:
+        res = subprocess.run(args, cwd=cwd, env=tool_env(), capture_output=True, text=True)
+        code, out, shown = res.returncode, res.stdout, res.stdout + res.stderr
+    if code != 0:
+        tail = "\n".join(shown.strip().splitlines()[-TAIL_LINES:])
+        raise SweepError(f"`{' '.join(args)}` failed (exit {code}) in {cwd}:\n{tail}")
+    return out
 
 
 def dvc(*args: str) -> list[str]:
@@ -90,11 +100,11 @@ def run_point(spec: PointSpec) -> dict:
     scratch = Path(tempfile.mkdtemp(prefix=f"sasgate-{spec.name}-", dir=spec.scratch))
     repo = scratch / "repo"
     try:
-        run(["git", "clone", "--quiet", spec.git_url, str(repo)], scratch)
+        run(["git", "clone", "--quiet", "--no-checkout", spec.git_url, str(repo)], scratch)
         run(["git", "-c", "advice.detachedHead=false", "checkout", "--quiet", spec.commit], repo)
         run(dvc("remote", "add", "--local", "--force", "--default", spec.dvc_remote, spec.dvc_url), repo)
         sets = [a for o in spec.overrides for a in ("-S", o)]
-        out = run(dvc("exp", "run", "--pull", "--name", spec.name, *sets), repo)  # "Running stage 'x':" on stdout
+        out = run(dvc("exp", "run", "--pull", "--name", spec.name, *sets), repo)
         ref, commit = exp_ref(repo, spec.name)
         outs = lock_hashes(run(["git", "show", f"{commit}:dvc.lock"], repo, echo=False))
         run(dvc("exp", "push", "--force", "--remote", spec.dvc_remote, "origin", spec.name), repo)
