@@ -216,7 +216,7 @@ def collect(root: Path, rec: SweepRecord) -> tuple[list[PointStatus], str]:
         cache = Path(_quiet(dvc("cache", "dir"), root, "dvc cache dir").strip())
         for s in done:
             verify(root, s, cache)
-    table = _quiet(dvc("exp", "show", "--md", "--rev", rec.commit), root, "dvc exp show") if done else ""
+    table = _quiet(dvc("exp", "show", "--md", "--only-changed", "--rev", rec.commit), root, "dvc exp show") if done else ""
     return got, table
 
 
