@@ -82,11 +82,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (1: on a shared, oversubscribed machine more threads wait on each other)")
     ap.add_argument("--skip-noop", action="store_true", help="no reproduced project, no no-op repro")
+    ap.add_argument("--load-repeats", type=int, default=3,
+                    help="trials per configuration and condition of the busy-machine benchmark (bench_load.py)")
+    ap.add_argument("--skip-load", action="store_true", help="no busy-machine benchmark")
     ap.add_argument("--skip-peers", action="store_true", help="do not run bench_watch.py / bench_verify.py")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of collect and sae-lens would drown the table
-    from . import bench_collect, bench_hash, bench_memory, bench_noop, bench_steer
+    from . import bench_collect, bench_hash, bench_load, bench_memory, bench_noop, bench_steer
     from .common import build_toy
 
     work = (args.workdir or Path(tempfile.mkdtemp(prefix="sasgate-bench-"))).resolve()
@@ -110,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
         for step in steps:
             results.append(step())
             print(results[-1].line(), flush=True)
+        if not args.skip_load:  # fresh processes with their own thread count and wait policy
+            results += bench_load.loaded_vs_quiet(paths.root, bench_load.parse_args(["--repeats", str(args.load_repeats)]))
         print(f"\n{'benchmark':<34} {'ratio':>8}  {'target':<10} ok\n" + "\n".join(r.line() for r in results))
         print(f"total {time.perf_counter() - start:.0f} s", flush=True)
         failed = run_peers(project) if not args.skip_peers else 0

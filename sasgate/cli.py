@@ -30,6 +30,7 @@ Exit codes:
      report: a gate record is not the one decision.json was made from)
   12 a preregistration timestamp that does not verify (another digest, an untrusted
      TSA certificate, a malformed token), or the TSA could not be reached
+  14 sasgate sweep: not submitted or not collected (remotes, dirty tree, baseline), or a point failed
   75 sasgate watch: the Hub could not be read; nothing was claimed or written
 """
 
@@ -352,6 +353,11 @@ main.add_command(_archive)
 from .watch.cli import watch as _watch  # noqa: E402
 
 main.add_command(_watch)
+
+# --- sweep (issue 18) -------------------------------------------------------------------------
+from .sweep.cli import sweep as _sweep  # noqa: E402
+
+main.add_command(_sweep)
 
 
 if __name__ == "__main__":

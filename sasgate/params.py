@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .artifacts import read_yaml
 from .errors import ParamsError
+from .omp import DEFAULT as OMP_DEFAULT, WaitPolicy
+from .sweep.settings import SweepParams
 from .watch.settings import WatchParams
 
 TOY_MODEL = "toy-refusal"
@@ -332,7 +334,10 @@ class RemediationParams(Strict):
 
 class RuntimeParams(Strict):
     device: Literal["cpu", "cuda", "mps"] = "cpu"
+    # torch's intra-op threads: fixed, since a reduction may split differently with another count. With the
+    # passive wait policy 2 threads stay fast while other processes hold the cores (benchmarks/bench_load.py).
     threads: PosInt = 2
+    omp_wait_policy: WaitPolicy = OMP_DEFAULT  # passive: idle OpenMP threads sleep instead of spinning (sasgate/omp.py)
     seed: NonNegInt = 0
 
 
@@ -351,6 +356,7 @@ class Params(Strict):
     stability: StabilityParams = StabilityParams()
     remediation: RemediationParams = RemediationParams()
     watch: WatchParams = WatchParams()  # sasgate watch and remediation's Hub family (watch/settings.py)
+    sweep: SweepParams = SweepParams()  # sasgate sweep: executor, remotes, Slurm settings (sasgate/sweep/settings.py)
     runtime: RuntimeParams = RuntimeParams()
 
     @model_validator(mode="after")

@@ -1,7 +1,8 @@
 """The thin `python -m sasgate.stages.<name>` entry shared by every stage.
 
-It validates params before any compute, makes torch deterministic, runs the
-stage, and logs wall time to logs/runs.jsonl (not a DVC output).
+It validates params before any compute, makes sure OpenMP runs with the wait policy params ask
+for (sasgate/omp.py), makes torch deterministic, runs the stage, and logs wall time, thread count
+and wait policy to logs/runs.jsonl (not a DVC output).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Callable
 
 import click
 
+from . import omp
 from .errors import SasgateError
 from .params import Params, load_params
 from .paths import Paths
@@ -28,12 +30,14 @@ def run_stage(name: str, fn: StageFn, params_file: str = "params.yaml", root: st
     from .device import compute_record, with_device
 
     params = with_device(load_params(paths.root / params_file), device)
+    omp.ensure(params.runtime.omp_wait_policy)
 
     make_deterministic(params.runtime.seed, params.runtime.threads, params.runtime.device)
     start = time.perf_counter()
     result = fn(params, paths)
     _log(paths, {"stage": name, "seconds": round(time.perf_counter() - start, 3), "host": platform.node(),
-                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **compute_record(params)})
+                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **compute_record(params),
+                 "threads": params.runtime.threads, **omp.record()})
     return result
 
 
