@@ -270,11 +270,19 @@ def test_resigned_decision_or_gate_edits_do_not_follow(members, keypair, tmp_pat
     edited = {**members, "decision.json": (json.dumps(decision, sort_keys=True, indent=2) + "\n").encode()}
     assert reason(rebuild(edited, tmp_path / "d.tar.gz", key), keypair.public_path).startswith(
         "decision.json does not follow from the gate records: phase_movement_authorized")
-    gate = json.loads(members["gates/behaviour.json"])  # a consistent record set, but another decision row
-    gate["status"] = "fail" if gate["status"] == "pass" else "pass"
-    edited = {**members, "gates/behaviour.json": (json.dumps(gate, sort_keys=True, indent=2,
-                                                             ensure_ascii=False) + "\n").encode()}
-    assert reason(rebuild(edited, tmp_path / "g.tar.gz", key), keypair.public_path).startswith(
+    gate = json.loads(members["gates/behaviour.json"])
+    assert gate["status"] == "pass"
+
+    def with_gate(g: dict) -> dict:
+        return {**members, "gates/behaviour.json": (json.dumps(g, sort_keys=True, indent=2,
+                                                               ensure_ascii=False) + "\n").encode()}
+
+    gate["status"] = "fail"  # a status its own checks contradict: the record itself is refused
+    assert reason(rebuild(with_gate(gate), tmp_path / "g.tar.gz", key), keypair.public_path) == (
+        "decision.json: behaviour gate record, status: 'fail', but its checks give 'pass'")
+    agreement = gate["details"]["checks"]["scorer_agreement"]  # a consistent record set, but another decision row
+    agreement["threshold"], agreement["pass"] = agreement["observed"] + 0.01, False
+    assert reason(rebuild(with_gate(gate), tmp_path / "g2.tar.gz", key), keypair.public_path).startswith(
         "decision.json does not follow from the gate records")
 
 

@@ -68,8 +68,11 @@ def test_validity_gate_fails_on_v1_and_on_min_samples_above_the_data(reproduced_
     assert gate["status"] == "fail" and gate["details"]["checks"]["scorer_agreement"]["pass"] is False
     assert "scorer v1 agrees with the check set" in gate["reason"]
 
-    # SMALL has 32 generations per condition but 8 source prompts: the resampling unit is the source
-    set_params(root, {"score": {"version": "v2"}, "validity": {"min_samples": 9}})
+    # SMALL has 32 generations per condition but 8 source prompts: the resampling unit is the source.
+    # The strengths are chosen with the scorer, so v2 is restored first; min_samples alone steers nothing.
+    set_params(root, {"score": {"version": "v2"}})
+    dvc(root, "repro", "validity")
+    set_params(root, {"validity": {"min_samples": 9}})
     res = dvc(root, "repro", "validity")
     assert "Running stage 'steer'" not in res.stdout and "Running stage 'calibrate'" not in res.stdout
     gate = read(root, "gates/behaviour.json")
@@ -77,16 +80,17 @@ def test_validity_gate_fails_on_v1_and_on_min_samples_above_the_data(reproduced_
     assert "8 source prompts, fewer than 9" in gate["reason"]
 
 
-def test_editing_a_released_scorer_makes_score_fail_with_exit_7(reproduced_small, tmp_path):
+def test_editing_a_released_scorer_makes_scoring_fail_with_exit_7(reproduced_small, tmp_path):
     root = copy_project(reproduced_small, tmp_path / "p")
     v1 = root / "sasgate" / "scorer_versions" / "v1.py"
     v1.write_text(v1.read_text().replace('"I cannot",', '"I cannot",\n    "i cannot",'))
     res = dvc(root, "repro", "score", check=False)
     out = res.stdout + res.stderr
     assert res.returncode != 0 and "exited with 7" in out
-    assert "sasgate score: error: scorer v1:" in out and "released scorer versions are immutable" in out
+    # calibrate (strengths chosen on selection) is the first stage to score, so it is the one that refuses
+    assert "sasgate calibrate: error: scorer v1:" in out and "released scorer versions are immutable" in out
     assert "add a new version (v3.py)" in out
-    assert not (root / "artifacts" / "score").exists()
+    assert not (root / "artifacts" / "calibrate").exists()  # DVC removed the old strengths; nothing new written
 
 
 def test_plots_show_writes_one_page_with_every_behaviour_plot(reproduced_small, tmp_path):

@@ -397,7 +397,7 @@ def test_re_preregistering_after_dvc_repro_is_said_by_status_decision_claims_and
 
     res = dvc(root, "repro")
     ran = [line.split("'")[1] for line in res.stdout.splitlines() if line.startswith("Running stage '")]
-    assert ran == ["params", "reconstruction", "remediation", "decide"]
+    assert ran == ["params", "reconstruction", "remediation", "decide", "report"]
     d = json.loads((root / "decision.json").read_text())
     assert d["decision_state"] == "advance"
     p = d["preregistration"]

@@ -383,7 +383,9 @@ def test_passing_reconstruction_authorizes_mechanism_claims(reproduced_small, tm
 def test_failing_behaviour_gate_makes_the_behaviour_invalid(reproduced_small, tmp_path):
     root, res = variant(reproduced_small, tmp_path / "p", {"score": {"version": "v1"}})
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "steer" not in stages_run(res.stdout)  # the generations are kept; only their scores change
+    # the activations, SAEs and directions are kept; the strengths are chosen with the scorer, so from calibrate on
+    ran = stages_run(res.stdout)
+    assert "calibrate" in ran and not {"model", "collect", "saes", "directions", "features"} & set(ran), ran
     assert json.loads((root / "gates" / "behaviour.json").read_text())["status"] == "fail"
     assert decision_of(root) == ("behaviour_invalid", False, "hold")
     d = json.loads((root / "decision.json").read_text())

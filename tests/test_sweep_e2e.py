@@ -20,7 +20,7 @@ from sasgate.sweep.job import lock_hashes
 GRID = ("features.top_k", (2, 6))
 # What features.top_k reaches (dvc.yaml); `params` reruns because it reads the whole params.yaml (its output
 # is a constant stamp, so nothing downstream reruns because of it).
-REACHED = {"params", "features", "steer", "score", "validity", "stability", "decide"}
+REACHED = {"params", "features", "calibrate", "steer", "score", "validity", "stability", "decide", "report"}
 
 
 def slurm_reason() -> str | None:
