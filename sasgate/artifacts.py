@@ -1,4 +1,4 @@
-"""Artifact I/O that obeys DESIGN.md's rules: atomic writes, canonical JSON, sha256 manifests."""
+"""Artifact I/O that obeys ARCHITECTURE.md §4's rules: atomic writes, canonical JSON, sha256 manifests."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Gate records (DESIGN.md, "Gate record"): one typed JSON file per gate, validated on read.
+"""Gate records (ARCHITECTURE.md §5 "Gate records"): one typed JSON file per gate, validated on read.
 
 Every gate (reconstruction, behaviour, stability, remediation) writes the same shape:
 
@@ -55,7 +55,7 @@ class TupleResult(_Record):
 
     tuple: TupleRef
     observed: float | None
-    ci95: tuple[float, float] | None  # the bootstrap interval at the gate's ci level (named as in DESIGN.md)
+    ci95: tuple[float, float] | None  # the bootstrap interval at the gate's ci level (named as in ARCHITECTURE.md §5)
     status: TupleStatus
     extra: dict[str, Any] = Field(default_factory=dict)
 

@@ -1,4 +1,4 @@
-"""The gate record schema (DESIGN.md "Gate record"): typed, versioned, validated on read."""
+"""The gate record schema (ARCHITECTURE.md §5 "Gate records"): typed, versioned, validated on read."""
 
 from __future__ import annotations
 
