@@ -2,7 +2,7 @@
 
 Every gate (reconstruction, behaviour, stability, remediation) writes the same shape:
 
-    {"schema": "sasgate.gate/1", "gate": "reconstruction", "status": "fail",
+    {"schema": "sasgate.gate/2", "gate": "reconstruction", "status": "fail",
      "metric": "nmse", "threshold": 0.12, "comparison": "<=",
      "per_tuple": [{"tuple": {"model": ..., "layer": 1, "site": "resid_post"},
                     "observed": 0.163, "ci95": [0.158, 0.169], "status": "fail", "extra": {...}}],

@@ -96,7 +96,7 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
         })
         metrics[tp.key] = {"nmse": res.nmse, "ci": list(res.ci), "cosine": res.cosine, "l2_ratio": res.l2_ratio,
                            "l0": res.l0, "status": status}
-        plot_rows.append({"tuple": tp.key, "nmse": res.nmse, "threshold": rp.threshold})
+        plot_rows.append({"required_tuple": tp.key, "nmse": res.nmse, "threshold": rp.threshold})
         inputs += [activation_file(paths, SPLIT, tp.key), *sae_io.sae_files(paths, tp.key)]
 
     gate_status = "pass" if all(s == "pass" for s in statuses.values()) else "fail"

@@ -20,7 +20,6 @@ from projects import copy_project, dvc, env
 from sasgate.artifacts import read_json, sha256_file
 from sasgate.plots import count_marks, declared_plots
 from sasgate.report import lock_digest
-from test_report import known_broken
 
 pytestmark = pytest.mark.slow
 
@@ -30,13 +29,8 @@ def _plots(root):
 
 
 def _judge(plots, drawn: dict[str, int]) -> None:
-    """Every plot drew marks; the one known-broken declaration (issue 15 replaces it) is an expected failure."""
-    undrawn = sorted(p.id for p in plots if drawn[p.id] == 0)
-    known = [p.id for p in plots if known_broken(p)]
-    assert [p for p in undrawn if p not in known] == [], drawn
-    if known:
-        assert undrawn == known, "the known-broken plot draws now: drop known_broken() in tests/test_report.py"
-        pytest.xfail(f"{', '.join(known)}: DVC's bar_horizontal with y field 'tuple' draws nothing (issue 15)")
+    """Every plot drew marks."""
+    assert sorted(p.id for p in plots if drawn[p.id] == 0) == [], drawn
 
 
 def test_the_pipelines_report_opens_offline_with_every_chart_drawn(reproduced_small):
