@@ -69,9 +69,8 @@ def test_validity_gate_fails_on_v1_and_on_min_samples_above_the_data(reproduced_
     assert "scorer v1 agrees with the check set" in gate["reason"]
 
     # SMALL has 32 generations per condition but 8 source prompts: the resampling unit is the source.
-    # The strengths are chosen with the scorer, so v2 is restored first; min_samples alone steers nothing.
-    set_params(root, {"score": {"version": "v2"}})
-    dvc(root, "repro", "validity")
+    # (The strengths are chosen with the scorer, so v1 re-ran calibrate; a fresh copy is on v2.)
+    root = copy_project(reproduced_small, tmp_path / "q")
     set_params(root, {"validity": {"min_samples": 9}})
     res = dvc(root, "repro", "validity")
     assert "Running stage 'steer'" not in res.stdout and "Running stage 'calibrate'" not in res.stdout

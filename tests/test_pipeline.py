@@ -12,6 +12,8 @@ import time
 import pytest
 import yaml
 
+from sasgate.artifacts import verify_manifest
+
 from projects import SMALL, copy_project, dvc, lock_out_hashes, make_project, merge, sh
 
 pytestmark = pytest.mark.slow
@@ -45,8 +47,6 @@ def test_second_repro_is_a_no_op(built):
 
 
 def test_manifests_match_artifacts(built):
-    from sasgate.artifacts import verify_manifest
-
     for stage in ("model", "collect", "saes", "reconstruction"):
         assert verify_manifest(built / "manifests" / f"{stage}.json", built) == [], stage
 
@@ -107,5 +107,6 @@ def test_sigkilled_collect_leaves_nothing_that_passes_for_complete(tmp_path):
     assert not (root / "artifacts" / "collect").exists()
     status = dvc(root, "status", "collect")
     assert "collect" in status.stdout and "up to date" not in status.stdout
-    dvc(root, "repro", "reconstruction")  # collect again, then what reads it
-    assert (root / "gates" / "reconstruction.json").is_file()
+    dvc(root, "repro", "collect")  # collect again: complete, and what its manifest says
+    assert verify_manifest(root / "manifests" / "collect.json", root) == []
+    assert "up to date" in dvc(root, "status", "collect").stdout

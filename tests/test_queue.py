@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
-from projects import copy_project, dvc, sh
+from projects import copy_project, dvc, env, sh
 
 GRID = ("features.top_k", (2, 6))
 DEADLINE_S = 1500
@@ -36,7 +38,13 @@ def test_two_point_grid_on_the_queue(reproduced_small, tmp_path):
     dvc(root, "exp", "run", "--queue", "-S", f"{key}={','.join(map(str, values))}")  # Hydra sweep syntax
     queued = dvc(root, "queue", "status").stdout
     assert queued.count("Queued") == len(values), queued
-    dvc(root, "queue", "start", "-j", "2")
+    # `queue start` detaches its workers, and they inherit its stdout: read through a pipe, the call would
+    # wait for the workers to exit (minutes of idle time), so its output goes to a file
+    log = tmp_path / "queue-start.log"
+    with log.open("w") as out:
+        started = subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=root, env=env(),
+                                 stdout=out, stderr=subprocess.STDOUT)
+    assert started.returncode == 0, log.read_text()
     deadline = time.monotonic() + DEADLINE_S
     while True:
         status = dvc(root, "queue", "status").stdout
