@@ -300,3 +300,60 @@ def test_eps_random_baseline_is_seeded(project):
         assert ra["metrics"]["kl_per_token"] == rb["metrics"]["kl_per_token"]  # no randomness in splicing
         assert ra["metrics"]["kl_eps_random"] != rb["metrics"]["kl_eps_random"]  # another draw
     assert run_gate(project) == a
+
+
+def _equal_length_batch(project, n_rows: int = 6):
+    """Eval prompts cut to one length (no padding), so sae-lens's unmasked forward sees what ours does."""
+    from sasgate.activations import split_items
+    from sasgate.modeling import toy_model_from_dir
+
+    chat = toy_model_from_dir(project.model_dir)
+    rows = [chat.prompt_ids(it.text) for it in split_items(project, "eval")[:n_rows]]
+    width = min(len(r) for r in rows)
+    return chat, torch.tensor([r[:width] for r in rows], dtype=torch.long)
+
+
+@pytest.mark.parametrize("skip_bos", [False, True])
+def test_spliced_in_ce_and_kl_agree_with_sae_lens(project, skip_bos):
+    """Cross-check against sae-lens's own implementation (sae_lens.evals.get_recons_loss, what run_evals uses for
+    ce_loss_score and kl_div_score) on the same tokens, to 1e-5 (both in float32; the sums differ in order only).
+    All positions substituted (sae-lens's default), and with BOS left alone (the gate's token set: sae-lens's
+    ignore_tokens masks the replacement; its zero ablation ignores the mask, so only the spliced figures compare)."""
+    from sae_lens.evals import get_recons_loss
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    from sasgate.spliced import Batch, spliced_metrics
+
+    chat, tokens = _equal_length_batch(project)
+    sub = torch.ones_like(tokens, dtype=torch.bool)
+    if skip_bos:
+        sub &= tokens != chat.bos_id
+        assert not sub[:, 0].any() and sub[:, 1:].all()
+    for key in ("L0.resid_pre", "L1.resid_post"):
+        sae = sae_io.load_sae_dir(project.sae_dir(key))
+        hook = sae.cfg.metadata.hook_name
+        with torch.no_grad():
+            ref = get_recons_loss(sae, chat.model, ActivationScaler(), tokens, compute_kl=True, compute_ce_loss=True,
+                                  ignore_tokens=[chat.bos_id] if skip_bos else None)
+        ce_mask = sub[:, :-1]
+        ref_mean = {k: float(v[sub if v.shape == sub.shape else ce_mask].double().mean()) for k, v in ref.items()}
+        batch = Batch(ids=tokens, mask=torch.ones_like(tokens, dtype=torch.bool), substitute=sub,
+                      prompt=torch.arange(tokens.shape[0]))
+        ours = spliced_metrics(chat.model, sae, hook, [batch], mean_act=torch.zeros(D), seed=0, bootstrap_samples=20,
+                               bootstrap_seed=0, ci_level=0.9)
+        assert ours.n_kl_tokens == int(sub.sum()) and ours.n_ce_tokens == int(ce_mask.sum())
+        tol = dict(rel=1e-5, abs=1e-6)
+        assert ours.ce["clean"] == pytest.approx(ref_mean["ce_loss_without_sae"], **tol)
+        assert ours.ce["spliced"] == pytest.approx(ref_mean["ce_loss_with_sae"], **tol)
+        assert ours.kl["spliced"] == pytest.approx(ref_mean["kl_div_with_sae"], **tol)
+        assert ours.kl["spliced"] > 1e-4 and ours.ce["spliced"] != ours.ce["clean"]  # a comparison that can fail
+        if not skip_bos:
+            assert ours.ce["zero_ablation"] == pytest.approx(ref_mean["ce_loss_with_ablation"], **tol)
+            assert ours.kl["zero_ablation"] == pytest.approx(ref_mean["kl_div_with_ablation"], **tol)
+            # sae-lens's scores (get_downstream_reconstruction_metrics) from the same means
+            ce_score = ((ref_mean["ce_loss_with_ablation"] - ref_mean["ce_loss_with_sae"])
+                        / (ref_mean["ce_loss_with_ablation"] - ref_mean["ce_loss_without_sae"]))
+            kl_score = ((ref_mean["kl_div_with_ablation"] - ref_mean["kl_div_with_sae"])
+                        / ref_mean["kl_div_with_ablation"])
+            assert ours.ce_loss_score == pytest.approx(ce_score, rel=1e-4)
+            assert ours.kl_div_score == pytest.approx(kl_score, rel=1e-4)
