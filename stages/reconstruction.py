@@ -184,6 +184,9 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
                       "n_steered_tokens": int(steered.sum()), "n_kl_tokens": sp.n_kl_tokens,
                       "n_ce_tokens": sp.n_ce_tokens,
                       "failed_criteria": [c["metric"] for c in criteria if not c["pass"]],
+                      # a registry SAE: its release's stated figures against the measured ones (a flag, not a criterion)
+                      "registry_expected": sae_io.compare_expected((src.get("origin") or {}).get("expected"),
+                                                                   1.0 - res.nmse, res.l0),
                       "sae": {"spec": tp.sae, "architecture": src["sae"]["architecture"],
                               "d_sae": src["sae"]["d_sae"], "hook_match": src["checks"]["hook_match"],
                               "model_match": src["checks"]["model_match"]}},
@@ -195,6 +198,12 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
         inputs += [activation_file(paths, SPLIT, tp.key), *sae_io.sae_files(paths, tp.key)]
 
     gate_status = "pass" if all(s == "pass" for s in statuses.values()) else "fail"
+    flagged = [(r["extra"]["key"], r["extra"]["registry_expected"]) for r in per_tuple
+               if (r["extra"]["registry_expected"] or {}).get("large_disagreement")]
+    reason = _reason(criteria_rows, observed, rp.threshold)
+    if flagged:
+        reason += "; registry figures disagree (mis-pinned or mis-loaded SAE?): " + "; ".join(
+            f"{k}: {', '.join(e['problems'])}" for k, e in flagged)
     record = {
         "schema": GATE_SCHEMA,
         "gate": GATE,
@@ -205,7 +214,7 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
         "per_tuple": per_tuple,
         "inputs": input_digests(paths.root, inputs),
         "params": params.section("reconstruction", "tuples") | {"model": params.model.name},
-        "reason": _reason(criteria_rows, observed, rp.threshold),
+        "reason": reason,
         "details": {
             "token_set": {"split": SPLIT, "description": TOKEN_SET, "n_tokens": n_tokens, "n_prompts": n_prompts},
             "steered_positions": {"description": STEERED_SET, "n_tokens": int(steered.sum())},

@@ -357,3 +357,30 @@ def test_spliced_in_ce_and_kl_agree_with_sae_lens(project, skip_bos):
                         / ref_mean["kl_div_with_ablation"])
             assert ours.ce_loss_score == pytest.approx(ce_score, rel=1e-4)
             assert ours.kl_div_score == pytest.approx(kl_score, rel=1e-4)
+
+
+def test_registry_expected_figures_are_compared_and_a_large_disagreement_is_flagged():
+    """The installed sae-lens registry states variance_explained / l0 for some SAEs (issue 15, point 4)."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    directory = get_pretrained_saes_directory()
+    stated = [(lk, sid) for lk in directory.values() for sid in lk.saes_map
+              if lk.expected_l0.get(sid, 0.0) not in (0.0, None)]
+    assert stated  # the registry does state some
+    lookup, sid = stated[0]
+    exp = sae_io.registry_expected(lookup, sid)
+    assert exp["l0"] == float(lookup.expected_l0[sid])
+    near = sae_io.compare_expected(exp, exp["var_explained"] or 0.7, exp["l0"] * 1.5)
+    assert near["large_disagreement"] is False and near["problems"] == []
+    far = sae_io.compare_expected(exp, (exp["var_explained"] or 0.7) - 0.3, exp["l0"] * 3)
+    assert far["large_disagreement"] is True and any("L0" in p for p in far["problems"])
+    if exp["var_explained"] is not None:
+        assert any("explained variance" in p for p in far["problems"])
+    assert sae_io.compare_expected({"var_explained": None, "l0": None}, 0.5, 3.0) is None
+    assert sae_io.compare_expected(None, 0.5, 3.0) is None  # trained or local SAEs state nothing
+
+
+def test_trained_saes_state_no_registry_figures(project):
+    gate = run_gate(project)
+    assert all(r["extra"]["registry_expected"] is None for r in gate["per_tuple"])
+    assert "registry figures" not in gate["reason"]
