@@ -159,26 +159,29 @@ def spliced_metrics(model: Any, sae: Any, hook_name: str, batches: Iterable[Batc
             news: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
                 "spliced": recon, "zero_ablation": torch.zeros_like,
                 "mean_ablation": lambda x: mean_act.expand_as(x), "eps_random": eps}
-            logp = {"clean": torch.log_softmax(model(ids, attention_mask=mask).float(), dim=-1)}
-            for name, fn in news.items():
-                out = model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=[(hook_name, _replace(fn, sub))])
-                logp[name] = torch.log_softmax(out.float(), dim=-1)
             # KL and top-1 at substituted positions; CE where the next position is a prompt token too
             rows = b.prompt.to(device).unsqueeze(1).expand(bsz, t)
-            kl_at = sub
             ce_at = sub.clone()
             ce_at[:, -1] = False
             ce_at[:, :-1] &= mask[:, 1:].bool()
-            target = torch.roll(ids, -1, dims=1)
-            p_kl, p_ce = rows[kl_at].cpu(), rows[ce_at].cpu()
-            clean_kl = logp["clean"][kl_at]
-            for name in INTERVENTIONS:
-                kl[name].add(p_kl, _kl(clean_kl, logp[name][kl_at]).cpu())
-            agree.add(p_kl, (logp["spliced"][kl_at].argmax(-1) == clean_kl.argmax(-1)).to(torch.float64).cpu())
-            nll = {k: -lp.gather(-1, target.unsqueeze(-1)).squeeze(-1)[ce_at].cpu() for k, lp in logp.items()}
-            for name, v in nll.items():
-                ce[name].add(p_ce, v)
-            dce.add(p_ce, nll["spliced"].to(torch.float64) - nll["clean"].to(torch.float64))
+            target = torch.roll(ids, -1, dims=1).unsqueeze(-1)
+            p_kl, p_ce = rows[sub].cpu(), rows[ce_at].cpu()
+            clean = torch.log_softmax(model(ids, attention_mask=mask).float(), dim=-1)
+            clean_kl, clean_top = clean[sub], clean[sub].argmax(-1)
+            nll_clean = -clean.gather(-1, target).squeeze(-1)[ce_at].cpu()
+            ce["clean"].add(p_ce, nll_clean)
+            del clean  # one [B, T, vocab] at a time besides this one: Hub vocabularies are large
+            for name, fn in news.items():
+                out = model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=[(hook_name, _replace(fn, sub))])
+                logp = torch.log_softmax(out.float(), dim=-1)
+                del out
+                kl[name].add(p_kl, _kl(clean_kl, logp[sub]).cpu())
+                nll = -logp.gather(-1, target).squeeze(-1)[ce_at].cpu()
+                ce[name].add(p_ce, nll)
+                if name == "spliced":
+                    agree.add(p_kl, (logp[sub].argmax(-1) == clean_top).to(torch.float64).cpu())
+                    dce.add(p_ce, nll.to(torch.float64) - nll_clean.to(torch.float64))
+                del logp
     finally:
         model.train(was_training)
         sae.train(sae_training)
