@@ -384,3 +384,15 @@ def test_trained_saes_state_no_registry_figures(project):
     gate = run_gate(project)
     assert all(r["extra"]["registry_expected"] is None for r in gate["per_tuple"])
     assert "registry figures" not in gate["reason"]
+
+
+def test_a_missing_or_non_finite_metric_stops_the_stage_never_passes():
+    from sasgate.params import RECONSTRUCTION_METRICS
+    from sasgate.stages.reconstruction import _finite
+
+    good = {m: 0.5 for m in RECONSTRUCTION_METRICS}
+    assert _finite("L0.resid_pre", good) == good
+    for bad in ({**good, "kl_div_score": float("nan")}, {**good, "nmse_steered_positions": float("inf")},
+                {k: v for k, v in good.items() if k != "ce_loss_score"}):
+        with pytest.raises(ArtifactError, match="L0.resid_pre"):
+            _finite("L0.resid_pre", bad)
