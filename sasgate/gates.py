@@ -11,7 +11,8 @@ Every gate (reconstruction, behaviour, stability, remediation) writes the same s
 
 Unknown fields are errors; so are missing required ones (DESIGN rule 4). `extra`
 (per tuple) and `details` (per gate) hold gate-specific numbers (cosine, L0, the
-token set...) without loosening the common schema. `inputs` maps project-relative
+token set...) without loosening the common schema; the reconstruction gate's rows also carry
+typed `metrics` (finite numbers by name) and `criteria` (what was judged, ARCHITECTURE.md §5). `inputs` maps project-relative
 posix paths to "sha256:<64 hex>", so a record never holds an absolute path.
 """
 
