@@ -45,19 +45,68 @@ def _rows_cover(rec: GateRecord, required: Sequence[TupleRef]) -> None:
                                            f"not required {extra}")
 
 
+def _declared_criteria(rec: GateRecord) -> list[tuple[str, str, float]] | None:
+    """nmse <= threshold, then the record's params' reconstruction.criteria; None when the params say nothing."""
+    section = (rec.params or {}).get("reconstruction")
+    if not isinstance(section, dict) or "criteria" not in section:
+        return None
+    extra = section["criteria"]
+    if not isinstance(extra, list) or not all(isinstance(c, dict) and {"metric", "comparison", "threshold"} <= set(c)
+                                              for c in extra):
+        raise _fail(rec.gate, "params.reconstruction.criteria", "malformed: each needs metric, comparison, threshold")
+    return [(rec.metric, str(rec.comparison), float(rec.threshold or 0.0))] + [
+        (str(c["metric"]), str(c["comparison"]), float(c["threshold"])) for c in extra]
+
+
 def check_reconstruction(rec: GateRecord, required: Sequence[TupleRef]) -> None:
+    """Each row's status follows from its figure and from every criterion it names (each criterion's `pass` from
+    its observed figure, that figure from the row's `metrics`); the criteria are the gate's own (nMSE against the
+    threshold first, then the record's params' extra criteria); the gate passes iff every row passes."""
     _rows_cover(rec, required)
     if rec.status not in ("pass", "fail"):
         raise _fail(rec.gate, "status", f"{rec.status!r}: the reconstruction gate passes or fails")
     if rec.threshold is None or rec.comparison is None:
         raise _fail(rec.gate, "threshold", "a tuple gate needs its threshold and comparison")
+    declared = _declared_criteria(rec)
     for i, row in enumerate(rec.per_tuple):
+        where = f"per_tuple[{i}]"
         if row.observed is None:
-            raise _fail(rec.gate, f"per_tuple[{i}].observed", "missing: a tuple's status must follow from a figure")
+            raise _fail(rec.gate, f"{where}.observed", "missing: a tuple's status must follow from a figure")
         want = "pass" if compare(row.observed, rec.comparison, rec.threshold) else "fail"
+        if want == "pass" and row.status != "pass" and row.criteria is None:
+            raise _fail(rec.gate, f"{where}.status", f"{row.status!r}, but {rec.metric} {row.observed:.6g} "
+                                                     f"{rec.comparison} {rec.threshold} gives {want!r}")
+        if want == "fail" and row.status != "fail":
+            raise _fail(rec.gate, f"{where}.status", f"{row.status!r}, but {rec.metric} {row.observed:.6g} "
+                                                     f"{rec.comparison} {rec.threshold} gives {want!r}")
+        if row.criteria is None:
+            if declared is not None and len(declared) > 1:
+                raise _fail(rec.gate, f"{where}.criteria", f"missing, but the params declare criteria {declared[1:]}")
+            continue
+        metrics = row.metrics or {}
+        named = [(c.metric, c.comparison, c.threshold) for c in row.criteria]
+        if not named or named[0] != (rec.metric, rec.comparison, rec.threshold):
+            raise _fail(rec.gate, f"{where}.criteria", f"must start with {rec.metric} {rec.comparison} "
+                                                       f"{rec.threshold} (the preregistered criterion), got {named[:1]}")
+        if declared is not None and named != declared:
+            raise _fail(rec.gate, f"{where}.criteria", f"judges {named}, but the gate's criteria are {declared}")
+        for j, c in enumerate(row.criteria):
+            if c.metric not in metrics:
+                raise _fail(rec.gate, f"{where}.criteria[{j}]", f"judges {c.metric!r}, which the row's metrics lack")
+            if c.observed != metrics[c.metric]:
+                raise _fail(rec.gate, f"{where}.criteria[{j}].observed",
+                            f"{c.observed:.6g}, but the row's metrics say {c.metric} {metrics[c.metric]:.6g}")
+            if c.passed != compare(c.observed, c.comparison, c.threshold):
+                raise _fail(rec.gate, f"{where}.criteria[{j}].pass", f"{c.passed}, but {c.metric} {c.observed:.6g} "
+                                                                     f"{c.comparison} {c.threshold} gives {not c.passed}")
+        if row.criteria[0].observed != row.observed:
+            raise _fail(rec.gate, f"{where}.criteria[0].observed", f"{row.criteria[0].observed:.6g}, but the row's "
+                                                                   f"observed {rec.metric} is {row.observed:.6g}")
+        want = "pass" if all(c.passed for c in row.criteria) else "fail"
         if row.status != want:
-            raise _fail(rec.gate, f"per_tuple[{i}].status", f"{row.status!r}, but {rec.metric} {row.observed:.6g} "
-                                                             f"{rec.comparison} {rec.threshold} gives {want!r}")
+            failed = [c.metric for c in row.criteria if not c.passed]
+            raise _fail(rec.gate, f"{where}.status", f"{row.status!r}, but its criteria give {want!r}"
+                                                     + (f" (failed: {failed})" if failed else ""))
     want = "pass" if all(r.status == "pass" for r in rec.per_tuple) else "fail"
     if rec.status != want:
         raise _fail(rec.gate, "status", f"{rec.status!r}, but its rows give {want!r}")

@@ -11,7 +11,8 @@ Every gate (reconstruction, behaviour, stability, remediation) writes the same s
 
 Unknown fields are errors; so are missing required ones (DESIGN rule 4). `extra`
 (per tuple) and `details` (per gate) hold gate-specific numbers (cosine, L0, the
-token set...) without loosening the common schema. `inputs` maps project-relative
+token set...) without loosening the common schema; the reconstruction gate's rows also carry
+typed `metrics` (finite numbers by name) and `criteria` (what was judged, ARCHITECTURE.md §5). `inputs` maps project-relative
 posix paths to "sha256:<64 hex>", so a record never holds an absolute path.
 """
 
@@ -22,7 +23,7 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from .artifacts import atomic_write_json, read_json, sha256_file
 from .errors import ArtifactError
@@ -50,14 +51,38 @@ class TupleRef(_Record):
     site: str
 
 
+class CriterionResult(_Record):
+    """One criterion a tuple gate judged on a row: `observed comparison threshold`, and whether it held."""
+
+    metric: str = Field(min_length=1)
+    comparison: Literal["<=", "<", ">=", ">"]
+    threshold: Finite
+    observed: Finite
+    passed: bool = Field(alias="pass")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True)
+
+
 class TupleResult(_Record):
-    """The gate's metric on one required tuple."""
+    """The gate's metric on one required tuple; `metrics` (every figure, by name) and `criteria` (the ones the
+    gate judged) are the reconstruction gate's (ARCHITECTURE.md §5) and absent from other gates' rows."""
 
     tuple: TupleRef
     observed: float | None
     ci95: tuple[float, float] | None  # the bootstrap interval at the gate's ci level (named as in ARCHITECTURE.md §5)
     status: TupleStatus
     extra: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[Annotated[str, Field(min_length=1)], Annotated[float, Field(strict=True, allow_inf_nan=False)]] | None = None
+    criteria: list[CriterionResult] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: Any) -> dict[str, Any]:
+        """Rows without metrics / criteria serialise as before (other gates' records keep their bytes)."""
+        out = handler(self)
+        for name in ("metrics", "criteria"):
+            if out.get(name) is None:
+                out.pop(name, None)
+        return out
 
     @field_validator("observed")
     @classmethod

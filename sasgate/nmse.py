@@ -133,6 +133,8 @@ class ReconstructionResult:
     l0: float  # mean active latents per token
     n_tokens: int
     n_prompts: int
+    dead_latents: int = 0  # latents that fire on none of the tokens
+    alive_latents: int = 0  # latents that fire on at least one
 
     def as_dict(self) -> dict[str, Any]:
         return {"nmse": self.nmse, "ci": list(self.ci), "cosine": self.cosine, "l2_ratio": self.l2_ratio,
@@ -145,7 +147,7 @@ def evaluate(sae: Any, x: torch.Tensor, prompt_index: torch.Tensor, bootstrap_sa
     """Every reconstruction metric of one SAE on the given tokens."""
     if x.shape[0] == 0:
         raise ValueError("no tokens to evaluate")
-    x_hat, l0 = reconstruct(sae, x, batch_size=batch_size)
+    x_hat, l0, fired = reconstruct(sae, x, batch_size=batch_size, return_fired=True)
     st = prompt_stats(x, x_hat, prompt_index)
     xd, xh = x.to(torch.float64), x_hat.to(torch.float64)
     norm_x, norm_h = xd.norm(dim=-1), xh.norm(dim=-1)
@@ -160,4 +162,13 @@ def evaluate(sae: Any, x: torch.Tensor, prompt_index: torch.Tensor, bootstrap_sa
         l0=float(l0.to(torch.float64).mean()),
         n_tokens=int(x.shape[0]),
         n_prompts=int(st.n.shape[0]),
+        dead_latents=int((~fired).sum()),
+        alive_latents=int(fired.sum()),
     )
+
+
+def subset_nmse(sae: Any, x: torch.Tensor, batch_size: int = 4096) -> float:
+    """nMSE on a subset of tokens (e.g. the post-instruction positions steering acts on): the same formula,
+    with the mean and the variance taken over that subset alone. Not finite when the subset has no variance."""
+    x_hat, _ = reconstruct(sae, x, batch_size=batch_size)
+    return nmse_from_stats(prompt_stats(x, x_hat, torch.zeros(x.shape[0], dtype=torch.long)))

@@ -204,14 +204,42 @@ class CollectParams(Strict):
     max_new_tokens: PosInt = 12
 
 
+# Every figure the reconstruction gate records per tuple (gates/reconstruction.json per_tuple[i].metrics), in
+# record order; any of them may be a preregistered criterion (ARCHITECTURE.md §5, "The reconstruction gate").
+RECONSTRUCTION_METRICS = (
+    "nmse", "nmse_steered_positions", "explained_variance", "cosine", "l2_ratio",
+    "ce_clean", "ce_spliced", "ce_zero_ablation", "ce_mean_ablation", "ce_eps_random", "delta_ce", "ce_loss_score",
+    "kl_per_token", "kl_zero_ablation", "kl_mean_ablation", "kl_eps_random", "kl_div_score", "eps_random_kl_ratio",
+    "top1_agreement", "l0", "dead_latents", "alive_latents",
+)
+ReconstructionMetric = Literal[RECONSTRUCTION_METRICS]  # type: ignore[valid-type]  # the same names
+
+
+class CriterionParams(Strict):
+    """One extra preregistered reconstruction criterion: `metric comparison threshold` must hold per tuple."""
+
+    metric: ReconstructionMetric
+    comparison: Literal["<=", ">=", "<", ">"]
+    threshold: Annotated[float, Field(allow_inf_nan=False)]
+
+
 class ReconstructionParams(Strict):
-    """The unlock: nMSE per tuple against a threshold."""
+    """The unlock: nMSE per tuple against a threshold, and every extra criterion (none by default)."""
 
     threshold: Annotated[float, Field(ge=0)] = 0.12
     comparison: Literal["<="] = "<="
+    criteria: list[CriterionParams] = []  # besides nmse <= threshold; a tuple passes only when all hold
     bootstrap_samples: PosInt = 1000
-    bootstrap_seed: NonNegInt = 0
+    bootstrap_seed: NonNegInt = 0  # also seeds the eps-random perturbation
     ci_level: Annotated[float, Field(gt=0, lt=1)] = 0.95
+
+    @field_validator("criteria")
+    @classmethod
+    def _no_repeats(cls, v: list[CriterionParams]) -> list[CriterionParams]:
+        seen = [(c.metric, c.comparison) for c in v]
+        if len(set(seen)) != len(seen):
+            raise ValueError(f"repeats a (metric, comparison): {seen}")
+        return v
 
 
 class DirectionsParams(Strict):

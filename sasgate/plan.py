@@ -214,9 +214,11 @@ def plan(params: Params, tokens_per_prompt: int | None = None) -> dict[str, Any]
                   GENERATION_BYTES * n_generations, GENERATION_BYTES * n_generations * 4),
         StagePlan("validity", ["scores", "scorer check set"], "behaviour gate (bootstrap CIs)", 1 << 16, 1 << 26),
         StagePlan("stability", ["scores"], "stability gate", 1 << 14, 1 << 26),
-        StagePlan("reconstruction", ["saes", "collect: eval activations"],
+        StagePlan("reconstruction", ["the model", "saes", "collect: eval activations and prompts"],
                   f"nMSE of {n_tuples} SAEs on {tokens['eval']} eval tokens, {params.reconstruction.bootstrap_samples} "
-                  "bootstrap samples", 1 << 14, big_sae + act_bytes["eval"] * 3),
+                  f"bootstrap samples; spliced-in CE/KL: 5 forwards per tuple over {prompts['eval']} eval prompts "
+                  f"in batches of {cp.batch_size}", 1 << 16,
+                  weights + big_sae + act_bytes["eval"] * 3 + 2 * forward_bytes(cp.batch_size, longest)),
         StagePlan("remediation", ["reconstruction gate", "preregistration"],
                   "bounded search for alternative SAEs (only when reconstruction fails; "
                   + ("may query the Hub" if params.remediation.hub_access else "offline") + ")",

@@ -4,7 +4,7 @@
 parameters; applied in file order) and the candidate families (id, text). `sasgate
 preregister --reason TEXT` writes `preregistration/lock.json`: the sha256 of the rules
 file, the protocol it defines together with the params it reads (required tuples, model,
-the reconstruction threshold candidates are judged by, `remediation:` families and
+the reconstruction threshold candidates are judged by and the extra reconstruction criteria, `remediation:` families and
 constraints), the git commit, and the gate records present when it was made. The
 `remediation` stage refuses (PreregistrationError, exit 8) without a lock, or when anything
 preregistered changed since, naming each difference: nobody can move the goalposts quietly.
@@ -156,7 +156,8 @@ def protocol(rules: StopRules, params: Params) -> dict[str, Any]:
             "model": params.model.name,
             "tuples": [{"layer": t.layer, "site": t.site} for t in params.tuples],
             "reconstruction": {"threshold": params.reconstruction.threshold,
-                               "comparison": params.reconstruction.comparison},
+                               "comparison": params.reconstruction.comparison,
+                               "criteria": [c.model_dump(mode="json") for c in params.reconstruction.criteria]},
             "remediation": params.remediation.model_dump(mode="json", exclude={"hub_access"}),
         },
     }

@@ -330,9 +330,25 @@ def _per_tuple(view: GateView) -> str:
         cells = [esc(tuple_label(t.tuple)), _num(t.observed) if t.observed is not None else "—",
                  value(list(t.ci95)) if t.ci95 is not None else "—", _badge(t.status)]
         cells += [(f"<strong>{value(m.get(k))}</strong>" if k in judged else value(m.get(k))) for k in metric_keys]
-        cells += ([value(row.get("criteria"))] if has_criteria else []) + [value(row.get(k)) for k in others]
+        cells += ([_criteria(row.get("criteria"))] if has_criteria else []) + [value(row.get(k)) for k in others]
         out.append(cells)
     return _table(head, out, "per-tuple")
+
+
+def _criteria(crit: Any) -> str:
+    """A row's judged criteria as `metric observed comparison threshold: pass|fail` (the reconstruction gate's
+    objects); anything else as written."""
+    if not isinstance(crit, list):
+        return value(crit)
+    out = []
+    for c in crit:
+        if isinstance(c, dict) and {"metric", "comparison", "threshold", "observed", "pass"} <= set(c):
+            verdict = "pass" if c["pass"] is True else "fail"
+            out.append(f"{esc(str(c['metric']))} {value(c['observed'])} {esc(str(c['comparison']))} "
+                       f"{value(c['threshold'])}: {verdict}")
+        else:
+            out.append(value(c, 1))
+    return "[" + ", ".join(out) + "]"
 
 
 def _comparisons(view: GateView) -> str:

@@ -331,8 +331,41 @@ def fetch_sae_lens(release: str, sae_id: str, revision: str, device: str = "cpu"
         # e.g. gpt2-small-res-jb expects a processed model (center_writing_weights); on record, not applied
         "model_from_pretrained_kwargs": dict(cfg_dict.get("model_from_pretrained_kwargs")
                                              or sae.cfg.metadata.model_from_pretrained_kwargs or {}),
+        "expected": registry_expected(lookup, sae_id),
     }
     return sae, origin
+
+
+def registry_expected(lookup: Any, sae_id: str) -> dict[str, float | None]:
+    """The figures a registry release states for one SAE (pretrained_saes.yaml `variance_explained`, `l0`), or None
+    where it states none (sae-lens fills the unstated ones with 1.0 and 0.0; those are read as unstated)."""
+    ev = lookup.expected_var_explained.get(sae_id)
+    l0 = lookup.expected_l0.get(sae_id)
+    return {"var_explained": None if ev is None or float(ev) == 1.0 else float(ev),
+            "l0": None if l0 is None or float(l0) == 0.0 else float(l0)}
+
+
+# A registry SAE whose measured figures are this far from the release's stated ones is flagged (a mis-pinned or
+# mis-loaded SAE, or another input distribution: the release measured them on its own training data).
+EXPECTED_VAR_EXPLAINED_ATOL = 0.1
+EXPECTED_L0_FACTOR = 2.0
+
+
+def compare_expected(expected: dict[str, Any] | None, var_explained: float, l0: float) -> dict[str, Any] | None:
+    """Measured explained variance and L0 against the registry's stated ones; None when nothing is stated."""
+    expected = expected or {}
+    ev, el0 = expected.get("var_explained"), expected.get("l0")
+    if ev is None and el0 is None:
+        return None
+    problems = []
+    if ev is not None and abs(var_explained - ev) > EXPECTED_VAR_EXPLAINED_ATOL:
+        problems.append(f"explained variance {var_explained:.4g} vs stated {ev:.4g} "
+                        f"(more than {EXPECTED_VAR_EXPLAINED_ATOL} apart)")
+    if el0 is not None and not el0 / EXPECTED_L0_FACTOR <= l0 <= el0 * EXPECTED_L0_FACTOR:
+        problems.append(f"L0 {l0:.4g} vs stated {el0:.4g} (more than a factor {EXPECTED_L0_FACTOR} apart)")
+    return {"expected_var_explained": ev, "measured_var_explained": var_explained, "expected_l0": el0,
+            "measured_l0": l0, "var_explained_atol": EXPECTED_VAR_EXPLAINED_ATOL, "l0_factor": EXPECTED_L0_FACTOR,
+            "large_disagreement": bool(problems), "problems": problems}
 
 
 def fetch_hf_folder(repo: str, path: str, revision: str, device: str = "cpu") -> tuple["SAE", dict[str, Any]]:

@@ -33,6 +33,26 @@ def reconstruction(*observed: float, threshold: float = 0.12) -> GateRecord:
     return gate("reconstruction", status, per_tuple=rows, metric="nmse", threshold=threshold, comparison="<=")
 
 
+def reconstruction_judged(observed: list[float], kl_div: list[float], *, threshold: float = 0.12,
+                          criteria: list[dict] | None = None) -> GateRecord:
+    """A reconstruction record as the stage writes it since issue 15: every row with `metrics` and the
+    `criteria` it judged (nMSE first, then `criteria`, default `kl_div_score >= 0.99`), statuses from them."""
+    from sasgate.gates import compare
+
+    criteria = [{"metric": "kl_div_score", "comparison": ">=", "threshold": 0.99}] if criteria is None else criteria
+    rows = []
+    for t, v, kl in zip(TUPLES, observed, kl_div):
+        metrics = {"nmse": v, "kl_div_score": kl, "ce_loss_score": kl}
+        judged = [{"metric": "nmse", "comparison": "<=", "threshold": threshold}, *criteria]
+        crit = [{**c, "observed": metrics[c["metric"]], "pass": compare(metrics[c["metric"]], c["comparison"],
+                                                                        c["threshold"])} for c in judged]
+        rows.append({"tuple": t, "observed": v, "ci95": [v - 0.01, v + 0.01], "metrics": metrics, "criteria": crit,
+                     "status": "pass" if all(c["pass"] for c in crit) else "fail"})
+    status = "pass" if all(r["status"] == "pass" for r in rows) else "fail"
+    return gate("reconstruction", status, per_tuple=rows, metric="nmse", threshold=threshold, comparison="<=",
+                params={"reconstruction": {"threshold": threshold, "comparison": "<=", "criteria": criteria}})
+
+
 def remediation(outcome: str, rule: str = "K2", hub: str = "unavailable: hub unreachable (test)",
                 failing: tuple[int, ...] = (0, 1), threshold: float = 0.12) -> GateRecord:
     """outcome: not_needed, found (status pass) or stopped (status fail, stopped by `rule`); `failing`: the

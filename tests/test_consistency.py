@@ -168,3 +168,84 @@ def test_no_mutation_ever_advances():
         except RecordConsistencyError:
             continue
         assert state != "advance", (name, change)
+
+
+# --- the reconstruction gate's criteria (issue 15): a row's status follows from every criterion it judged ---
+
+def _judged_recs(kl_div=(0.995, 0.95)):
+    from gate_records import reconstruction_judged
+
+    recon = reconstruction_judged([0.05, 0.06], list(kl_div))
+    failing = tuple(i for i, r in enumerate(recon.per_tuple) if r.status == "fail")
+    rem = remediation("stopped", failing=failing) if failing else remediation("not_needed")
+    return {**advancing(), "reconstruction": recon, "remediation": rem}
+
+
+def _crit_rows(rec, i, j, **changes):
+    raw = rec.to_json()["per_tuple"]
+    raw[i]["criteria"][j].update(changes)
+    return raw
+
+
+def test_a_row_failing_an_extra_criterion_is_decided_as_failing():
+    recs = _judged_recs()
+    assert [r.status for r in recs["reconstruction"].per_tuple] == ["pass", "fail"]  # nMSE passes both
+    assert decide(recs, TUPLES).decision_state == "conditional_hold"
+    assert decide(_judged_recs((0.995, 0.999)), TUPLES).decision_state == "advance"
+
+
+def test_a_row_claiming_pass_while_a_criterion_fails_is_refused():
+    recs = _judged_recs()
+    recon = recs["reconstruction"]
+    flipped = mutate(recon, status="pass", per_tuple=rows(recon, 1, status="pass"))
+    _refused({**recs, "reconstruction": flipped, "remediation": remediation("not_needed")}, "per_tuple[1].status",
+             "its criteria give 'fail'", "kl_div_score")
+    # ... or whose criterion says pass against its own figure
+    lying = mutate(recon, status="pass", per_tuple=_crit_rows(mutate(recon, per_tuple=rows(recon, 1, status="pass")),
+                                                              1, 1, **{"pass": True}))
+    _refused({**recs, "reconstruction": lying, "remediation": remediation("not_needed")}, "per_tuple[1].criteria[1].pass")
+    # ... or whose criterion quotes another figure than the row's metrics
+    moved = mutate(recon, per_tuple=_crit_rows(recon, 1, 1, observed=0.999))
+    _refused({**recs, "reconstruction": moved}, "per_tuple[1].criteria[1].observed")
+
+
+def test_a_dropped_or_loosened_criterion_is_refused():
+    recs = _judged_recs()
+    recon = recs["reconstruction"]
+    raw = rows(recon, 1, status="pass")
+    raw[1]["criteria"] = raw[1]["criteria"][:1]  # the failing criterion left out of the row
+    dropped = mutate(recon, status="pass", per_tuple=raw)
+    _refused({**recs, "reconstruction": dropped, "remediation": remediation("not_needed")}, "per_tuple[1].criteria",
+             "the gate's criteria are")
+    loosened = _crit_rows(recon, 1, 1, threshold=0.9, **{"pass": True})
+    loosened[1]["status"] = "pass"
+    _refused({**recs, "reconstruction": mutate(recon, status="pass", per_tuple=loosened),
+              "remediation": remediation("not_needed")}, "per_tuple[1].criteria", "the gate's criteria are")
+    raw = rows(recon)
+    for r in raw:
+        r.pop("criteria")
+        r["status"] = "pass"
+    bare = mutate(recon, status="pass", per_tuple=raw)  # rows without criteria while the params declare one
+    _refused({**recs, "reconstruction": bare, "remediation": remediation("not_needed")}, "per_tuple[0].criteria",
+             "missing")
+
+
+def test_a_criterion_naming_a_metric_the_row_lacks_is_refused():
+    recs = _judged_recs()
+    recon = recs["reconstruction"]
+    raw = rows(recon)
+    raw[0]["metrics"].pop("kl_div_score")
+    _refused({**recs, "reconstruction": mutate(recon, per_tuple=raw)}, "per_tuple[0].criteria[1]", "lack")
+
+
+def test_nan_metrics_are_refused_by_the_schema():
+    from sasgate.errors import ArtifactError
+
+    recon = _judged_recs()["reconstruction"].to_json()
+    recon["per_tuple"][0]["metrics"]["kl_div_score"] = float("nan")
+    with pytest.raises(ArtifactError, match="metrics"):
+        validate_gate(recon)
+    recon["per_tuple"][0]["metrics"]["kl_div_score"] = "0.99"
+    with pytest.raises(ArtifactError, match="metrics"):
+        validate_gate(recon)
+

@@ -121,3 +121,37 @@ def test_compare_and_input_digests(tmp_path):
         "artifacts/a.bin": "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}
     with pytest.raises(ArtifactError, match="missing gate input"):
         input_digests(tmp_path, [tmp_path / "missing"])
+
+
+def _with_metrics(**row) -> dict:
+    raw = record()
+    raw["per_tuple"][0].update(row)
+    return raw
+
+
+CRIT = {"metric": "kl_div_score", "comparison": ">=", "threshold": 0.99, "observed": 0.97, "pass": False}
+
+
+def test_rows_without_metrics_keep_their_bytes_and_rows_with_them_round_trip(tmp_path):
+    plain = write_gate(tmp_path / "a.json", record())
+    assert "metrics" not in json.loads((tmp_path / "a.json").read_text())["per_tuple"][0]
+    assert plain.per_tuple[0].metrics is None and plain.per_tuple[0].criteria is None
+    rec = write_gate(tmp_path / "b.json", _with_metrics(metrics={"nmse": 0.163, "kl_div_score": 0.97}, criteria=[CRIT]))
+    row = json.loads((tmp_path / "b.json").read_text())["per_tuple"][0]
+    assert row["criteria"] == [CRIT] and row["metrics"] == {"kl_div_score": 0.97, "nmse": 0.163}
+    assert rec.per_tuple[0].criteria[0].passed is False
+
+
+@pytest.mark.parametrize("row, named", [
+    ({"metrics": {"kl_div_score": float("inf")}}, "metrics"),
+    ({"metrics": {"kl_div_score": None}}, "metrics"),
+    ({"metrics": {"": 1.0}}, "metrics"),
+    ({"criteria": [{**CRIT, "pass": "no"}]}, "criteria"),
+    ({"criteria": [{**CRIT, "comparison": "=="}]}, "criteria"),
+    ({"criteria": [{k: v for k, v in CRIT.items() if k != "observed"}]}, "observed"),
+    ({"criteria": [{**CRIT, "why": "trust me"}]}, "why"),
+    ({"criteria": [{**CRIT, "observed": float("nan")}]}, "observed"),
+])
+def test_metrics_and_criteria_are_typed(row, named):
+    with pytest.raises(ArtifactError, match=named):
+        validate_gate(_with_metrics(**row))

@@ -62,6 +62,39 @@ def test_gate_passes_and_fails_by_threshold_only(built):
     sh(["git", "checkout", "params.yaml"], built)
 
 
+def test_an_extra_criterion_fails_a_tuple_that_passes_on_nmse_and_a_record_claiming_otherwise_exits_11(built):
+    """Issue 15's acceptance: nMSE passes every tuple (threshold 10), `kl_div_score >= 0.99` fails at least one,
+    and the record names the failed criterion; a record flipped to pass is refused by `decide` (exit 11)."""
+    from sasgate.artifacts import canonical_json
+
+    crit = [{"metric": "kl_div_score", "comparison": ">=", "threshold": 0.99}]
+    set_params(built, {"reconstruction": {"threshold": 10.0, "criteria": crit}})
+    res = dvc(built, "repro", "reconstruction")  # (remediation refuses criteria changed after preregistration)
+    assert "Running stage 'collect'" not in res.stdout
+    path = built / "gates" / "reconstruction.json"
+    rec = json.loads(path.read_text())
+    assert rec["status"] == "fail"
+    failed = [r for r in rec["per_tuple"] if r["status"] == "fail"]
+    assert failed and all(r["criteria"][0]["metric"] == "nmse" and r["criteria"][0]["pass"] for r in rec["per_tuple"])
+    for r in failed:
+        assert r["criteria"][1] == {"metric": "kl_div_score", "comparison": ">=", "threshold": 0.99,
+                                    "observed": r["metrics"]["kl_div_score"], "pass": False}
+        assert r["metrics"]["kl_div_score"] < 0.99 and r["extra"]["failed_criteria"] == ["kl_div_score"]
+        assert f"{r['extra']['key']}: kl_div_score" in rec["reason"]
+    assert "but other criteria fail" in rec["reason"]
+    plot = json.loads((built / "plots" / "reconstruction.json").read_text())
+    assert [p["status"] for p in plot] == [r["status"] for r in rec["per_tuple"]]
+    # hostile: the failing rows flipped to pass, the record rewritten in canonical form
+    for r in rec["per_tuple"]:
+        r["status"] = "pass"
+    rec["status"] = "pass"
+    path.write_text(canonical_json(rec))
+    res = sh([sys.executable, "-m", "sasgate.stages.decide"], built, check=False)
+    assert res.returncode == 11, res.stderr
+    assert "reconstruction gate record" in res.stderr and "its criteria give 'fail'" in res.stderr
+    sh(["git", "checkout", "params.yaml"], built)
+
+
 @pytest.mark.parametrize("over, named", [
     ({"collect": {"batch_sise": 8}}, "collect.batch_sise"),
     ({"reconstruction": {"threshold": -1}}, "reconstruction.threshold"),

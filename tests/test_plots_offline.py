@@ -83,7 +83,8 @@ def test_the_report_draws_every_declared_plot_in_chromium_and_a_broken_one_is_ca
     assert "<script" not in dom
     # a broken declaration (the y field `tuple`, see above) is drawn as nothing, with its error on the page
     dvc_yaml = project / "dvc.yaml"
-    dvc_yaml.write_text(dvc_yaml.read_text().replace("y: required_tuple", "y: tuple"))
+    dvc_yaml.write_text(dvc_yaml.read_text().replace("y: required_tuple", "y: tuple")
+                        .replace("template: ci_rule", "template: bar_horizontal"))
     (project / "plots" / "reconstruction.json").write_text('[{"tuple": "L0.resid_pre", "nmse": 0.2, "threshold": 0.12}]')
     records = write_report(project)
     broken = [c for c in records.charts if c.sources[0] == "plots/reconstruction.json"]

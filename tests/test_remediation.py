@@ -107,12 +107,24 @@ def test_a_comment_only_change_is_still_a_change(root):
 @pytest.mark.parametrize("over, named", [
     ({"remediation": {"constraints": {"min_width": 1000}}}, "params remediation.constraints.min_width: None -> 1000"),
     ({"reconstruction": {"threshold": 0.2}}, "params reconstruction.threshold: 0.12 -> 0.2"),
+    # an extra criterion added after preregistration (issue 15) is a changed protocol like a moved threshold
+    ({"reconstruction": {"criteria": [{"metric": "kl_div_score", "comparison": ">=", "threshold": 0.99}]}},
+     "params reconstruction.criteria: [] -> [{'metric': 'kl_div_score', 'comparison': '>=', 'threshold': 0.99}]"),
     ({"tuples": [{"layer": 0, "site": "resid_pre", "sae": "train"}]}, "params tuples:"),
     ({"remediation": {"families": {"A": {"source": "registry"}}}}, "params remediation.families.B removed"),
 ])
 def test_changed_protocol_params_are_refused_naming_the_key(root, over, named):
     preregister(params(), Paths.at(root), "before")
     assert named in refused(root, params(**over))
+
+
+def test_a_loosened_or_dropped_criterion_is_refused(root):
+    """Criteria preregistered, then loosened or dropped: refused like a moved threshold."""
+    crit = {"metric": "kl_div_score", "comparison": ">=", "threshold": 0.99}
+    preregister(params(reconstruction={"criteria": [crit]}), Paths.at(root), "with a KL criterion")
+    assert verify(params(reconstruction={"criteria": [crit]}), Paths.at(root))
+    assert "params reconstruction.criteria" in refused(root, params(reconstruction={"criteria": [{**crit, "threshold": 0.9}]}))
+    assert "params reconstruction.criteria" in refused(root, params())
 
 
 @pytest.mark.parametrize("rule, named", [

@@ -44,8 +44,10 @@ PLOT_ROWS = {
     "plots/scorer_agreement.json": [{"version": "v1", "agreement": 0.492}, {"version": "v2", "agreement": 0.994}],
     "plots/stability.json": [{"cell": f"seed {s} / paraphrase set {p}", "sas_minus_dim": -0.7 - 0.01 * s,
                               "holds": 0, "agrees": 1} for s in (0, 1) for p in (0, 1)],
-    "plots/reconstruction.json": [{"required_tuple": "L0.resid_pre", "nmse": 0.163, "threshold": 0.12},
-                                  {"required_tuple": "L1.resid_post", "nmse": 0.195, "threshold": 0.12}],
+    "plots/reconstruction.json": [{"required_tuple": "L0.resid_pre", "nmse": 0.163, "lo": 0.158, "hi": 0.169,
+                                   "threshold": 0.12, "status": "fail"},
+                                  {"required_tuple": "L1.resid_post", "nmse": 0.195, "lo": 0.19, "hi": 0.2,
+                                   "threshold": 0.12, "status": "fail"}],
 }
 RECORDS = {
     4: {"behaviour": behaviour(), "stability": stability(), "reconstruction": reconstruction(0.163, 0.195),
@@ -178,6 +180,7 @@ def test_the_page_draws_every_declared_plot_and_names_its_provenance(project):
     drawn = {page.figures[i]["data-plot"]: n for i, n in marks.items()}
     # bars: one per row; steering curves: a CI band and a line per method, and a point per row
     assert drawn["plots/side_effects.json"] == 3 and drawn["plots/stability.json"] == 4
+    assert drawn["plots/reconstruction.json"] == 2 + 2 + 1  # per tuple a CI rule and a point; the threshold rule
     assert drawn["plots/steering_induce.json"] == 2 + 2 + len(PLOT_ROWS["plots/steering_induce.json"])
     digest, stages = lock_digest((project / "dvc.lock").read_bytes())
     assert records.lock_digest == digest and digest in text and "report" not in stages
@@ -245,7 +248,10 @@ def test_comparisons_metrics_criteria_and_preregistration_are_rendered_when_pres
     for i, row in enumerate(rec["per_tuple"]):
         row["metrics"] = {"nmse": row["observed"], "ce_loss_score": 0.91 + i / 100, "kl_div_score": 0.97,
                           "dead_latents": 12 + i}
-        row["criteria"] = ["nmse", "kl_div_score"]
+        row["criteria"] = [{"metric": "nmse", "comparison": "<=", "threshold": 0.12, "observed": row["observed"],
+                            "pass": False},
+                           {"metric": "kl_div_score", "comparison": ">=", "threshold": 0.99, "observed": 0.97,
+                            "pass": False}]
     _rewrite(project, "reconstruction", rec)
     decision = json.loads((project / "decision.json").read_text())
     decision["preregistration"] = {"preregistered_after_results": True, "lock_sha256": "ab" * 32,
@@ -265,7 +271,7 @@ def test_comparisons_metrics_criteria_and_preregistration_are_rendered_when_pres
     recon = [rows for sec, cls, rows, _ in page.tables if "per-tuple" in cls.split() and rows[0][1] == "observed (nmse)"]
     head, first = recon[0][0], recon[0][1]
     assert head[4:] == ["nmse (criterion)", "kl_div_score (criterion)", "ce_loss_score", "dead_latents", "criteria"]
-    assert first[4:] == ["0.163", "0.97", "0.91", "12", "[nmse, kl_div_score]"]
+    assert first[4:] == ["0.163", "0.97", "0.91", "12", "[nmse 0.163 <= 0.12: fail, kl_div_score 0.97 >= 0.99: fail]"]
     assert "preregistered <strong>after</strong> results" in text
     prereg, _ = page.table("preregistration")
     assert ["preregistered_after_results", "true"] in prereg
