@@ -21,7 +21,7 @@ Q - ||S||^2/N well conditioned; the denominator does not depend on mu).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -101,27 +101,33 @@ def nmse_from_stats(st: PromptStats) -> float:
     return float(_ratio(np.ones((1, st.n.shape[0])), st)[0])
 
 
-def bootstrap_nmse(st: PromptStats, samples: int, seed: int, level: float, chunk: int = 256) -> tuple[float, float]:
-    """Percentile bootstrap CI of nMSE at `level`, resampling prompts with replacement.
+def bootstrap_prompts(statistic: Callable[[np.ndarray], np.ndarray], n_prompts: int, samples: int, seed: int,
+                      level: float, chunk: int = 256) -> tuple[float, float]:
+    """Percentile bootstrap CI at `level` of a statistic of per-prompt sums, resampling prompts with
+    replacement: `statistic` maps prompt counts [B, P] (how often each prompt was drawn) to B values.
 
-    Draws come from `numpy.random.default_rng(seed)` in a fixed order, so the CI is a pure
-    function of (stats, samples, seed, level).
+    Draws come from `numpy.random.default_rng(seed)` in a fixed order, so the CI is a pure function of
+    (statistic, samples, seed, level). The one prompt-level bootstrap of the reconstruction gate.
     """
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
     rng = np.random.default_rng(seed)
-    n_prompts = st.n.shape[0]
     values = []
     for start in range(0, samples, chunk):
         b = min(chunk, samples - start)
         draws = rng.integers(0, n_prompts, size=(b, n_prompts))
         flat = (np.arange(b)[:, None] * n_prompts + draws).ravel()
         counts = np.bincount(flat, minlength=b * n_prompts).reshape(b, n_prompts).astype(np.float64)
-        values.append(_ratio(counts, st))
+        values.append(statistic(counts))
     boot = np.concatenate(values)
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(boot, [alpha, 1.0 - alpha])
     return float(lo), float(hi)
+
+
+def bootstrap_nmse(st: PromptStats, samples: int, seed: int, level: float, chunk: int = 256) -> tuple[float, float]:
+    """Percentile bootstrap CI of nMSE at `level`, resampling prompts with replacement."""
+    return bootstrap_prompts(lambda counts: _ratio(counts, st), st.n.shape[0], samples, seed, level, chunk)
 
 
 @dataclass

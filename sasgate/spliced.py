@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from .nmse import bootstrap_prompts
+
 INTERVENTIONS = ("spliced", "zero_ablation", "mean_ablation", "eps_random")
 
 
@@ -66,23 +68,12 @@ class _Acc:
 def bootstrap_mean(sums: np.ndarray, counts: np.ndarray, samples: int, seed: int, level: float,
                    chunk: int = 256) -> tuple[float, float]:
     """Percentile CI of sum(values) / count(values), resampling prompts with replacement (as nMSE's CI)."""
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    rng = np.random.default_rng(seed)
-    p = sums.shape[0]
-    values = []
-    for start in range(0, samples, chunk):
-        b = min(chunk, samples - start)
-        draws = rng.integers(0, p, size=(b, p))
-        flat = (np.arange(b)[:, None] * p + draws).ravel()
-        c = np.bincount(flat, minlength=b * p).reshape(b, p).astype(np.float64)
-        n = c @ counts
+    def mean(draws: np.ndarray) -> np.ndarray:
+        n = draws @ counts
         with np.errstate(divide="ignore", invalid="ignore"):
-            values.append(np.where(n > 0, (c @ sums) / np.where(n > 0, n, 1.0), np.nan))
-    boot = np.concatenate(values)
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(boot, [alpha, 1.0 - alpha])
-    return float(lo), float(hi)
+            return np.where(n > 0, (draws @ sums) / np.where(n > 0, n, 1.0), np.nan)
+
+    return bootstrap_prompts(mean, sums.shape[0], samples, seed, level, chunk)
 
 
 def _kl(clean_logp: torch.Tensor, other_logp: torch.Tensor) -> torch.Tensor:
