@@ -139,8 +139,8 @@ class ReconstructionResult:
     l0: float  # mean active latents per token
     n_tokens: int
     n_prompts: int
-    dead_latents: int = 0  # latents that fire on none of the tokens
-    alive_latents: int = 0  # latents that fire on at least one
+    dead_latents: int  # latents that fire on none of the tokens
+    alive_latents: int  # latents that fire on at least one
 
     def as_dict(self) -> dict[str, Any]:
         return {"nmse": self.nmse, "ci": list(self.ci), "cosine": self.cosine, "l2_ratio": self.l2_ratio,

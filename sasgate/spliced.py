@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from .interventions import dense_latents
 from .nmse import bootstrap_prompts
 
 INTERVENTIONS = ("spliced", "zero_ablation", "mean_ablation", "eps_random")
@@ -134,8 +135,7 @@ def spliced_metrics(model: Any, sae: Any, hook_name: str, batches: Iterable[Batc
     sae.eval()
 
     def recon(x: torch.Tensor) -> torch.Tensor:
-        f = sae.encode(x.to(sae.W_dec.dtype))
-        return sae.decode(f.to_dense() if f.is_sparse else f)
+        return sae.decode(dense_latents(sae.encode(x.to(sae.W_dec.dtype))))
 
     try:
         for b in batches:

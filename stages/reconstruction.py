@@ -98,12 +98,16 @@ def _finite(key: str, metrics: dict[str, float]) -> dict[str, float]:
     return {m: float(metrics[m]) for m in RECONSTRUCTION_METRICS}
 
 
-def _judge(metrics: dict[str, float], rp: Any) -> list[dict[str, Any]]:
-    """The criteria of one row: nMSE against the threshold first, then reconstruction.criteria in order."""
-    crit = [{"metric": METRIC, "comparison": rp.comparison, "threshold": rp.threshold}]
-    crit += [c.model_dump(mode="json") for c in rp.criteria]
+def _declared(rp: Any) -> list[dict[str, Any]]:
+    """The gate's criteria: nMSE against the threshold first, then reconstruction.criteria in order."""
+    return ([{"metric": METRIC, "comparison": rp.comparison, "threshold": rp.threshold}]
+            + [c.model_dump(mode="json") for c in rp.criteria])
+
+
+def _judge(metrics: dict[str, float], declared: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row's criteria, each with its observed figure and whether it held."""
     return [{**c, "observed": metrics[c["metric"]], "pass": compare(metrics[c["metric"]], c["comparison"],
-                                                                    c["threshold"])} for c in crit]
+                                                                    c["threshold"])} for c in declared]
 
 
 def run(params: Params, paths: Paths) -> dict[str, Any]:
@@ -127,6 +131,7 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
     except ValueError as exc:
         raise ArtifactError(f"{paths.rel(token_index_file(paths, SPLIT))}: {exc}; rerun `collect`") from None
 
+    declared = _declared(rp)
     per_tuple: list[dict[str, Any]] = []
     summary_tuples: dict[str, Any] = {}
     plot_rows: list[dict[str, Any]] = []
@@ -167,8 +172,9 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
             "dead_latents": float(res.dead_latents), "alive_latents": float(res.alive_latents),
         }
         metrics = _finite(tp.key, raw)
-        criteria = _judge(metrics, rp)
-        status = "pass" if all(c["pass"] for c in criteria) else "fail"
+        criteria = _judge(metrics, declared)
+        failed = [c["metric"] for c in criteria if not c["pass"]]
+        status = "fail" if failed else "pass"
         statuses[tp.key], observed[tp.key], criteria_rows[tp.key] = status, res.nmse, criteria
         cis = {"nmse": list(res.ci), "delta_ce": list(sp.delta_ce_ci), "kl_per_token": list(sp.kl_ci)}
         per_tuple.append({
@@ -183,7 +189,7 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
                       "explained_variance": 1.0 - res.nmse, "n_tokens": res.n_tokens, "n_prompts": res.n_prompts,
                       "n_steered_tokens": int(steered.sum()), "n_kl_tokens": sp.n_kl_tokens,
                       "n_ce_tokens": sp.n_ce_tokens,
-                      "failed_criteria": [c["metric"] for c in criteria if not c["pass"]],
+                      "failed_criteria": failed,
                       # a registry SAE: its release's stated figures against the measured ones (a flag, not a criterion)
                       "registry_expected": sae_io.compare_expected((src.get("origin") or {}).get("expected"),
                                                                    1.0 - res.nmse, res.l0),
@@ -192,7 +198,7 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
                               "model_match": src["checks"]["model_match"]}},
         })
         summary_tuples[tp.key] = {**metrics, "ci": cis, "status": status,
-                                  "failed_criteria": [c["metric"] for c in criteria if not c["pass"]]}
+                                  "failed_criteria": failed}
         plot_rows.append({"required_tuple": tp.key, "nmse": res.nmse, "lo": res.ci[0], "hi": res.ci[1],
                           "threshold": rp.threshold, "status": status})
         inputs += [activation_file(paths, SPLIT, tp.key), *sae_io.sae_files(paths, tp.key)]
@@ -222,8 +228,7 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
             "nmse_definition": NMSE_DEFINITION,
             "spliced_definition": SPLICED_DEFINITION,
             "metric_names": list(RECONSTRUCTION_METRICS),
-            "criteria": [{"metric": METRIC, "comparison": rp.comparison, "threshold": rp.threshold}]
-                        + [c.model_dump(mode="json") for c in rp.criteria],
+            "criteria": declared,
             "bootstrap": {"unit": "prompt", "samples": rp.bootstrap_samples, "seed": rp.bootstrap_seed,
                           "ci_level": rp.ci_level, "method": "percentile", "rng": "numpy.random.default_rng",
                           "figures": ["nmse", "delta_ce", "kl_per_token"]},
