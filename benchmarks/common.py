@@ -19,6 +19,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
 BENCH_TRAIN_STEPS = 20
+NAME_WIDTH = 38  # of the table's first column ("SmolLM2 steer one-at-a-time / batched")
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Result:
 
     def line(self) -> str:
         verdict = {True: "ok", False: "MISS", None: "-"}[self.ok]
-        return f"{self.name:<34} {self.ratio:>8.3f}  {self.target:<10} {verdict:<4}  {self.detail}"
+        return f"{self.name:<{NAME_WIDTH}} {self.ratio:>8.3f}  {self.target:<10} {verdict:<4}  {self.detail}"
 
 
 def default_raw(**sections: dict) -> dict:

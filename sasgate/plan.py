@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .params import TOY_MODEL, Params
+from .params import LOCAL_MODEL, TOY_MODEL, Params
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 F32 = 4
@@ -93,6 +94,27 @@ def hub_arch(name: str) -> Arch | None:
                 bool(c.get("gated_mlp", False)), "transformer-lens built-in config (offline)")
 
 
+def local_arch(params: Params) -> Arch | None:
+    """A local model's architecture from its file's config (GGUF metadata or config.json), offline; None
+    when the file is not there (e.g. its package is not installed)."""
+    from transformers import AutoConfig
+
+    from . import local_model
+
+    mp = params.model
+    try:
+        path = local_model.resolve_path(mp.path or "", Path.cwd())
+        where = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name} if path.is_file() \
+            else {"pretrained_model_name_or_path": str(path)}
+        c = local_model.hooked_config(AutoConfig.from_pretrained(**where, local_files_only=True), mp.n_ctx)
+    except Exception:  # missing file or package, unreadable config: unknown until the `model` stage says why
+        return None
+    n_heads = int(c["n_heads"])
+    return Arch(int(c["n_layers"]), int(c["d_model"]), int(c["d_mlp"]), n_heads, int(c["d_head"]),
+                int(c["n_key_value_heads"] or n_heads), int(c["d_vocab"]), int(c["n_ctx"]), True,
+                f"the local file's config ({path.name})")
+
+
 def prompt_tokens(params: Params, tokens_per_prompt: int | None) -> tuple[dict[str, int], int, str]:
     """({split: prompt tokens}, longest prompt, how it was known)."""
     ev = params.eval
@@ -133,7 +155,8 @@ def plan(params: Params, tokens_per_prompt: int | None = None) -> dict[str, Any]
     """The plan of every stage in pipeline order, with totals; see the module docstring."""
     mp = params.model
     toy = mp.name == TOY_MODEL
-    arch = toy_arch(params) if toy else hub_arch(mp.name)
+    local = mp.name == LOCAL_MODEL
+    arch = toy_arch(params) if toy else local_arch(params) if local else hub_arch(mp.name)
     warnings: list[str] = []
     if arch is None:
         warnings.append(f"{mp.name}: no architecture offline (not built into transformer-lens, not in the local "
@@ -169,16 +192,18 @@ def plan(params: Params, tokens_per_prompt: int | None = None) -> dict[str, Any]
     n_generations = n_settings * len(sp.seeds) * prompts["eval"]
     n_calibration = (n_settings - 1) * len(sp.seeds) * prompts["selection"] // 2 + len(sp.seeds) * prompts["selection"]
     gen_seq = longest + max(cp.max_new_tokens, sp.max_new_tokens)
-    hub_weights = [] if toy else [f"{mp.name}@{mp.revision} ({_fmt(weights)} in {mp.dtype}; HF cache, first load)"]
+    hub_weights = [] if toy or local else [f"{mp.name}@{mp.revision} ({_fmt(weights)} in {mp.dtype}; HF cache, first load)"]
     post_bytes = prompts["selection"] * arch.n_layers * n_post * arch.d_model * F32
 
     stages = [
         StagePlan("params", ["params.yaml"], "validate params", 1 << 10, 0),
         StagePlan("model", ["params.model"],
                   (f"train toy-refusal: {mp.toy.train_steps} steps x batch {mp.toy.batch_size}" if toy
-                   else "pin name + revision (no download)"),
-                  weights if toy else 1 << 10,
-                  weights * 4 + forward_bytes(mp.toy.batch_size, arch.n_ctx) if toy else 0),
+                   else ("verify model.sha256, load with transformers, convert to transformer-lens"
+                         + (f", LoRA {mp.finetune.steps} steps x batch {mp.finetune.batch_size}" if mp.finetune else "")
+                         if local else "pin name + revision (no download)")),
+                  weights if toy or local else 1 << 10,
+                  weights * 4 + forward_bytes(mp.toy.batch_size, arch.n_ctx) if toy else 3 * weights if local else 0),
         StagePlan("collect", (hub_weights or [mp.name]) + ["eval set"],
                   f"forward {sum(prompts.values())} prompts ({sum(tokens.values())} tokens, {how}) in batches of "
                   f"{cp.batch_size}; capture {n_tuples} tuples; greedy baseline, {cp.max_new_tokens} new tokens",

@@ -37,7 +37,7 @@ import torch
 from .artifacts import atomic_write_json, canonical_json, is_pickle_name, read_json, sha256_file
 from .errors import ArtifactError, ParamsError
 from .model_names import same_model
-from .params import TOY_MODEL, Params, SaeTrainParams, TupleParams
+from .params import LOCAL_MODEL, TOY_MODEL, Params, SaeTrainParams, TupleParams
 from .paths import Paths
 
 if TYPE_CHECKING:  # sae-lens takes seconds to import; only the functions that need it import it
@@ -49,6 +49,7 @@ SOURCE_FILE = "source.json"
 SOURCE_SCHEMA = "sasgate.sae_source/1"
 ACTIVATION_BATCH = 64  # sequences per forward pass when collecting training activations
 CORPUS_DATASET = "sasgate:toy-refusal/train-pairs"
+LOCAL_CORPUS_DATASET = "sasgate:synthetic-instructions/own-answers"  # local models (local_training_corpus)
 # Training recipe constants (not params: changing them changes what `train` means; see sae-lens docs).
 LR_DECAY_FRACTION = 0.2  # linear decay to 0 over the last 20% of steps (sae-lens's recommended schedule)
 DEAD_WINDOW_FRACTION = 0.25  # a latent that fired in none of the last 25% of steps counts as dead
@@ -407,6 +408,22 @@ def load_path_spec(folder: str, root: Path, device: str = "cpu") -> tuple["SAE",
 # --------------------------------------------------------------------------- training
 
 
+def local_training_corpus(params: Params, chat: Any) -> list[str]:
+    """A local model's SAE corpus: `saes.train.corpus_sequences` synthetic instructions (sasgate.instructions,
+    both classes alternating, every task; `collect` checks them against the locked eval set) in the chat
+    template, each followed by the model's own greedy answer of `saes.train.corpus_answer_tokens` tokens."""
+    from . import instructions
+
+    tr = params.saes.train
+    by_label = [instructions.worded(lab, instructions.tasks(lab), tr.seed) for lab in ("harmful", "harmless")]
+    pool = [i.text for pair in zip(*by_label) for i in pair]
+    texts = [pool[i % len(pool)] for i in range(tr.corpus_sequences)]
+    answers: list[str] = []
+    for start in range(0, len(texts), ACTIVATION_BATCH):
+        answers += chat.generate(texts[start:start + ACTIVATION_BATCH], tr.corpus_answer_tokens)
+    return [chat.prompt(t) + a for t, a in zip(texts, answers)]
+
+
 def training_corpus(params: Params) -> list[str]:
     """`saes.train.corpus_sequences` toy chat transcripts (prompt + response, no BOS/EOS text).
 
@@ -508,7 +525,7 @@ class TrainResult:
 
 
 def train_sae(acts: torch.Tensor, tp: SaeTrainParams, hook_name: str, model_name: str,
-              device: str = "cpu", context_size: int | None = None) -> TrainResult:
+              device: str = "cpu", context_size: int | None = None, dataset: str = CORPUS_DATASET) -> TrainResult:
     """Train one SAE on `acts` [n_tokens, d_in] with sae-lens's SAETrainer; a pure function of its inputs."""
     _quiet_sae_lens()
     from sae_lens import SAETrainer
@@ -524,7 +541,7 @@ def train_sae(acts: torch.Tensor, tp: SaeTrainParams, hook_name: str, model_name
         )
     steps = -(-tp.training_tokens // tp.batch_size)
     metadata = SAEMetadata(model_name=model_name, hook_name=hook_name, hook_head_index=None, prepend_bos=True,
-                           context_size=context_size, dataset_path=CORPUS_DATASET, exclude_special_tokens=True)
+                           context_size=context_size, dataset_path=dataset, exclude_special_tokens=True)
     cfg = _training_config(tp, d_in, metadata, device)
     sae_cls = get_sae_training_class(cfg.architecture())[0]
     with torch.random.fork_rng(devices=[]):
@@ -607,11 +624,17 @@ def sae_stats(sae: "SAE", acts: torch.Tensor, batch_size: int = EVAL_BATCH) -> d
 # --------------------------------------------------------------------------- one tuple
 
 
-def model_d_model(params: Params) -> int:
+def model_d_model(params: Params, paths: Paths | None = None) -> int:
     """The residual width every SAE must read: the toy's from params (checked against its config
-    when it loads), a Hub model's from its transformer-lens config at the pinned revision."""
+    when it loads), a local model's from its converted config (artifacts/model), a Hub model's from
+    its transformer-lens config at the pinned revision."""
     if params.model.name == TOY_MODEL:
         return params.model.toy.d_model
+    if params.model.name == LOCAL_MODEL:
+        if paths is None:
+            raise ArtifactError("a local model's width is read from artifacts/model: pass the project's paths")
+        cfg = read_json(paths.model_dir / "config.json")
+        return int(cfg["hooked_transformer_config"]["d_model"])
     from transformer_lens import loading_from_pretrained as loading
 
     try:

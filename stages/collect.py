@@ -18,7 +18,8 @@ from sasgate.artifacts import atomic_dir, atomic_write_json, write_manifest
 from sasgate.device import compute_record
 from sasgate.evalset import EvalItem, check_lock, resolve_eval_set
 from sasgate.modeling import ChatModel, load_chat_model
-from sasgate.params import Params
+from sasgate import instructions
+from sasgate.params import LOCAL_MODEL, Params
 from sasgate.paths import Paths
 from sasgate.stage_runner import stage_main
 
@@ -130,6 +131,8 @@ def write_generations(chat: ChatModel, items: list[EvalItem], path: Path, batch_
 def run(params: Params, paths: Paths) -> dict:
     items = resolve_eval_set(params, paths)
     check_lock(items, params, paths)
+    if params.model.name == LOCAL_MODEL:  # the organism's data and the SAE corpus never hold an eval prompt
+        instructions.disjoint_from(instructions.every_instruction(), [it.text for it in items])
     chat = load_chat_model(params, paths)
     size = params.collect.batch_size
     tokens: dict[str, int] = {}

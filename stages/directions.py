@@ -97,7 +97,7 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
     bar = lambda cells: tqdm(cells, desc="directions: scoring candidates", unit="candidate", leave=False)  # noqa: E731
     scored, baseline = dim.score_candidates(
         chat, candidates, positions, [it.text for it in scoring["harmful"]], [it.text for it in scoring["harmless"]],
-        refusal_ids, batch_size=dp.batch_size, progress=bar)
+        refusal_ids, batch_size=dp.batch_size, progress=bar, layers=dp.candidate_layers)
     annotated, chosen, satisfied = dim.select(scored, n_layers, dp)
     if not satisfied:
         problems.append("no candidate survives the rule; nearest: L{layer} pos {position}: {why}".format(

@@ -172,7 +172,7 @@ class Evaluator:
         tp = TupleParams(layer=base.layer, site=base.site, sae=cand.spec)
         try:
             sae, _origin = sae_io.fetch_for_tuple(self.params, self.paths, tp, device=self.params.runtime.device)
-            sae_io.check_sae_fits(sae, tp, sae_io.model_d_model(self.params), self.params.model.name)
+            sae_io.check_sae_fits(sae, tp, sae_io.model_d_model(self.params, self.paths), self.params.model.name)
         except (ArtifactError, ParamsError) as exc:
             return Evaluation("error", error=str(exc))
         keep, prompt_index = self._tokens

@@ -18,7 +18,8 @@ from typing import Any
 
 from sasgate import sae_io
 from sasgate.artifacts import atomic_dir, atomic_write_json, write_manifest
-from sasgate.params import Params
+from sasgate.artifacts import sha256_bytes
+from sasgate.params import LOCAL_MODEL, Params
 from sasgate.paths import Paths
 from sasgate.stage_runner import stage_main
 
@@ -32,7 +33,7 @@ def _say(msg: str) -> None:
 def run(params: Params, paths: Paths) -> dict[str, Any]:
     device = params.runtime.device
     tp_train = [t for t in params.tuples if t.sae_spec()["kind"] == "train"]
-    d_model = sae_io.model_d_model(params)
+    d_model = sae_io.model_d_model(params, paths)
     train_acts: dict[str, Any] = {}
     corpus_info: dict[str, Any] | None = None
     chat = None
@@ -41,14 +42,22 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
 
         chat = load_chat_model(params, paths)  # checks the model folder against params
         d_model = int(chat.model.cfg.d_model)
-        texts = sae_io.training_corpus(params)
         t0 = time.perf_counter()
+        local = params.model.name == LOCAL_MODEL
+        texts = sae_io.local_training_corpus(params, chat) if local else sae_io.training_corpus(params)
+        if local:
+            _say(f"wrote {len(texts)} corpus sequences (the model's own answers) in {time.perf_counter() - t0:.1f}s")
+            t0 = time.perf_counter()
         train_acts = sae_io.collect_training_activations(chat, texts, [t.hook_name for t in tp_train])
         n_tok = next(iter(train_acts.values())).shape[0]
         _say(f"collected {n_tok} training tokens x {len(tp_train)} hooks in {time.perf_counter() - t0:.1f}s")
-        corpus_info = {"dataset": sae_io.CORPUS_DATASET, "sequences": len(texts), "tokens": n_tok,
+        dataset = sae_io.LOCAL_CORPUS_DATASET if local else sae_io.CORPUS_DATASET
+        corpus_info = {"dataset": dataset, "sequences": len(texts), "tokens": n_tok,
                        "excluded_positions": ["BOS", "pad"],
-                       "pairs": "toy grammar train split (disjoint from eval/selection/validation)"}
+                       "sha256": sha256_bytes("\n".join(texts).encode("utf-8")),
+                       "pairs": ("synthetic instructions (sasgate/instructions.py, checked disjoint from the locked "
+                                 "eval set) in the chat template + the model's own greedy answers") if local else
+                       "toy grammar train split (disjoint from eval/selection/validation)"}
 
     per_tuple: dict[str, Any] = {}
     with atomic_dir(paths.saes_dir) as tmp:
@@ -58,7 +67,8 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
             if tp.sae_spec()["kind"] == "train":
                 acts = train_acts[tp.hook_name]
                 res = sae_io.train_sae(acts, params.saes.train, tp.hook_name, params.model.name, device=device,
-                                       context_size=int(chat.model.cfg.n_ctx) if chat is not None else None)
+                                       context_size=int(chat.model.cfg.n_ctx) if chat is not None else None,
+                                       dataset=corpus_info["dataset"] if corpus_info else sae_io.CORPUS_DATASET)
                 files = sae_io.save_sae(res.sae, out)
                 sae = sae_io.load_sae_dir(out, device=device)  # what later stages will load
                 stats = sae_io.sae_stats(sae, acts)

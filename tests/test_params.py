@@ -47,7 +47,7 @@ def test_check_accepts_default(tmp_path):
         (lambda r: r["model"].__setitem__("name", "google/gemma-2-2b-it"), "model.revision must be a 40-hex"),
         (lambda r: r["model"]["toy"].__setitem__("n_heads", 5), "divisible by n_heads"),
         (lambda r: r["model"].update(name="acme/not-a-model", revision="a" * 40, n_layers=2, chat_template="x"),
-         "neither 'toy-refusal' nor a transformer-lens official model name"),
+         "neither 'toy-refusal', 'local' nor a transformer-lens official model name"),
         (lambda r: r["tuples"].append(dict(r["tuples"][0])), "repeats L1.resid_pre"),
         (lambda r: r["reconstruction"].__setitem__("criteria", [{"metric": "kl_score", "comparison": ">=",
                                                                  "threshold": 0.9}]),
