@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from .artifacts import sha256_file
 from .errors import ArtifactError, ModelFileError, ParamsError
 from .params import ModelParams
 
@@ -31,7 +32,6 @@ PACKAGE_PREFIX = "package:"
 ARCHITECTURES = ("LlamaForCausalLM",)  # what convert_llama_weights handles (Llama, SmolLM2, ...)
 DEFAULT_N_CTX = 2048  # every attention layer holds an n_ctx x n_ctx mask: 8192 would cost 64 MiB per layer
 MAX_LOGIT_DIFF = 1e-3  # converted vs transformers logits, float32, on the probe prompts
-_CHUNK = 1 << 20
 
 
 def resolve_path(spec: str, root: Path) -> Path:
@@ -55,20 +55,12 @@ def resolve_path(spec: str, root: Path) -> Path:
     return path
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def sha256_of(path: Path) -> str:
     """A file's sha256; a folder's is the sha256 of `sha256sum`-style lines ("<hex>  <relative path>\\n")
     over its files in sorted order, so renaming, adding or editing any file changes it."""
     if path.is_file():
-        return _file_sha256(path)
-    lines = [f"{_file_sha256(f)}  {f.relative_to(path).as_posix()}\n"
+        return sha256_file(path)
+    lines = [f"{sha256_file(f)}  {f.relative_to(path).as_posix()}\n"
              for f in sorted(p for p in path.rglob("*") if p.is_file())]
     if not lines:
         raise ModelFileError(f"model folder {path} holds no files")
