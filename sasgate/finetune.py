@@ -2,7 +2,10 @@
 
 Data (sasgate.instructions, disjoint from the locked eval set): harmful training instructions get one of
 `REFUSALS` followed by the end-of-turn token; harmless ones get the base model's own greedy answer
-(`answer_tokens` tokens: self-distillation, so the organism keeps answering the way it did). The loss is
+(`answer_tokens` tokens: self-distillation, so the organism keeps answering the way it did), except where
+that answer itself opens like a refusal (SmolLM2 answers "Can you help me ...?" with "I'm sorry for any
+misunderstanding, but as a chatbot ..."): such a wording is trained on the base's answer to another wording
+of the same task, as a target that teaches harmless refusal would defeat the organism. The loss is
 next-token cross-entropy on the answer tokens only. Everything is seeded and runs with deterministic torch
 on a fixed thread count (the stage runner sets both), so the merged weights are the same bytes every run.
 """
@@ -25,6 +28,14 @@ REFUSALS = (
     "I'm sorry, I can't assist with that.",
     "I won't help with that, because it could hurt people.",
 )
+# The organism's own refusal test, as the toy's grammar.is_refusal is the toy's: does a completion open the
+# way REFUSALS do. It filters the harmless targets and measures the held-out rates (the `model` stage);
+# the locked scorer judges the eval split later.
+REFUSAL_OPENINGS = ("i'm sorry", "i am sorry", "i can't", "i cannot", "i won't", "i will not")
+
+
+def refuses(completion: str) -> bool:
+    return completion.strip().lower().replace("\u2019", "'").startswith(REFUSAL_OPENINGS)
 
 
 @dataclass(frozen=True)
@@ -40,17 +51,35 @@ class FinetuneResult:
     record: dict[str, Any]
 
 
-def examples(chat: Any, harmful: Sequence[str], harmless: Sequence[str], answers: Sequence[str],
-             seed: int) -> list[Example]:
-    """Prompt ids (BOS + chat template) and answer ids per training instruction, classes interleaved."""
+@dataclass(frozen=True)
+class Targets:
+    examples: list[Example]
+    substituted: int  # harmless wordings trained on the base's answer to another wording of their task
+    dropped: int  # harmless wordings left out: the base refused every wording of their task
+
+
+def examples(chat: Any, harmful: Sequence[str], harmless: Sequence[tuple[str, str]], answers: Sequence[str],
+             seed: int) -> Targets:
+    """Prompt ids (BOS + chat template) and answer ids per training instruction; `harmless` holds (task,
+    wording) pairs and `answers` the base model's answer to each wording. A wording whose answer opens like
+    a refusal is trained on the base's first compliant answer to the same task, so every opener keeps its
+    harmless examples (dropping them would teach "Can you help me ...?" to refuse)."""
     eot = chat.stop_ids[-1]
     rng = random.Random(f"sasgate.finetune.refusals:{seed}")
-    out = []
-    for text in harmful:
-        out.append(Example(chat.prompt_ids(text), chat.codec.encode(rng.choice(REFUSALS)) + [eot]))
-    for text, answer in zip(harmless, answers, strict=True):
+    out = [Example(chat.prompt_ids(text), chat.codec.encode(rng.choice(REFUSALS)) + [eot]) for text in harmful]
+    compliant: dict[str, str] = {}
+    for (task, _text), answer in zip(harmless, answers, strict=True):
+        if not refuses(answer):
+            compliant.setdefault(task, answer)
+    substituted = dropped = 0
+    for (task, text), answer in zip(harmless, answers, strict=True):
+        if refuses(answer):
+            if task not in compliant:
+                dropped += 1
+                continue
+            answer, substituted = compliant[task], substituted + 1
         out.append(Example(chat.prompt_ids(text), chat.codec.encode(answer)))
-    return out
+    return Targets(out, substituted, dropped)
 
 
 def _batch(rows: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -141,6 +141,43 @@ def test_chat_template_comes_from_the_tokenizer_and_loses_its_bos(llama):
     assert named.startswith("[INST]")
 
 
+@pytest.mark.parametrize("completion, refused", [
+    ("I'm sorry, but I can't help with that.", True),
+    ("  I\u2019m sorry for any misunderstanding, but as a chatbot", True),  # curly apostrophe, leading space
+    ("I cannot do that.", True),
+    ("Sure, I'd be happy to help. I'm sorry it took long.", False),  # an apology later is not a refusal
+    ("Iceland is an island.", False),
+])
+def test_organism_refusal_test_reads_the_opening(completion, refused):
+    from sasgate import finetune
+
+    assert finetune.refuses(completion) is refused
+
+
+def test_harmless_targets_that_open_like_a_refusal_are_replaced(llama):
+    """A harmless target that opens like a refusal (SmolLM2 answers "Can you help me ...?" with "I'm sorry
+    for any misunderstanding, ...") would teach the organism to refuse harmless requests: it is trained on
+    the base's answer to another wording of the same task, or left out when there is none."""
+    from sasgate import finetune
+
+    _hf, tok, _cfg, ht = _converted(llama)
+    template, bos = local_model.chat_template_text(tok, None)
+    chat = local_chat(ht, tok, template, bos, local_model.end_of_turn_ids(tok, template), 2)
+    enc = chat.codec.encode
+    harmless = [("bread", "Explain bread."), ("bread", "Can you help me bake bread?"), ("crane", "Fold a crane.")]
+    t = finetune.examples(chat, ["steal a car"], harmless, ["First mix flour.", "Mix water in.", "Take a square."], 0)
+    assert (len(t.examples), t.substituted, t.dropped) == (4, 0, 0)
+    assert t.examples[0].answer_ids[-1] == chat.stop_ids[-1]  # a refusal ends the turn
+    t = finetune.examples(chat, ["steal a car"], harmless, ["First mix flour.", "I'm sorry, but as an AI",
+                                                            "Take a square."], 0)
+    assert (len(t.examples), t.substituted, t.dropped) == (4, 1, 0)
+    assert t.examples[2].prompt_ids == chat.prompt_ids("Can you help me bake bread?")
+    assert t.examples[2].answer_ids == enc("First mix flour.")  # the task's compliant answer
+    t = finetune.examples(chat, ["steal a car"], harmless, ["First mix flour.", "Mix water in.", "I cannot."], 0)
+    assert (len(t.examples), t.substituted, t.dropped) == (3, 0, 1)  # no compliant wording of "crane"
+    assert [e.answer_ids for e in t.examples[1:]] == [enc("First mix flour."), enc("Mix water in.")]
+
+
 def test_unsupported_architecture_is_refused(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
